@@ -1,0 +1,14 @@
+"""Datasets; importing this package registers mnist1d, digits and npz."""
+from npas_serve.data.base import Dataset, Normalisation
+from npas_serve.data import digits, mnist1d, npz  # noqa: F401
+from npas_serve import registry
+
+
+def load_dataset(spec: str, seed: int | None = None, num_classes: int | None = None) -> Dataset:
+    """`spec` is a registered name (mnist1d, digits) or a path to an .npz file."""
+    if spec.endswith(".npz") or "/" in spec:
+        return registry.create("dataset", "npz", spec, seed=seed, num_classes=num_classes)
+    return registry.create("dataset", spec, seed=seed)
+
+
+__all__ = ["Dataset", "Normalisation", "load_dataset"]

@@ -1,0 +1,242 @@
+"""Train every member of a family jointly on one bank.
+
+The loss is the sum over members of their exit-weighted cross-entropies on the
+same minibatch, so every member's gradient reaches the shared bank. Training is
+seeded and deterministic on CPU; a checkpoint is written after every epoch and
+`resume` continues from it bit for bit (the shuffle of epoch e depends only on
+(seed, e), and the optimiser state travels in safetensors, never in a pickle).
+
+Run as a module for several processes (DistributedDataParallel over gloo/nccl):
+    torchrun --nproc-per-node 2 -m npas_serve.train --out runs/ddp
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npas_serve import registry
+from npas_serve.checkpoint import (MANIFEST, Manifest, load_checkpoint, load_tensors, save_checkpoint,
+                                   save_tensors, write_json)
+from npas_serve.data import Dataset, load_dataset
+from npas_serve.errors import UserError
+from npas_serve.family import Family, FamilySpec, build_family
+
+TRAIN_STATE = "train_state.safetensors"
+TRAIN_META = "train_state.json"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 128
+    optimizer: str = "adamw"        # adamw | sgd
+    lr: float = 3e-3
+    weight_decay: float = 1e-2      # never applied to coefficients, norms or biases
+    momentum: float = 0.9           # sgd only (Nesterov)
+    schedule: str = "cosine"        # cosine | step | constant, applied per step
+    exit_weights: list[float] | None = None   # None: (e + 1) / E, the last exit weighs most
+    seed: int = 0
+
+    def checks(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2:
+            raise UserError(f"need epochs >= 1 and batch size >= 2, got {self.epochs} and {self.batch_size}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UserError(f"unknown optimizer {self.optimizer!r}; known: adamw, sgd")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise UserError(f"unknown schedule {self.schedule!r}; known: cosine, step, constant")
+        if not (self.lr > 0) or self.weight_decay < 0:
+            raise UserError(f"need lr > 0 and weight decay >= 0, got {self.lr} and {self.weight_decay}")
+
+
+def exit_weights(cfg: TrainConfig, num_exits: int) -> list[float]:
+    if cfg.exit_weights is None:
+        return [(e + 1) / num_exits for e in range(num_exits)]
+    if len(cfg.exit_weights) != num_exits or min(cfg.exit_weights) < 0:
+        raise UserError(f"need {num_exits} non-negative exit weights, got {cfg.exit_weights}")
+    return list(cfg.exit_weights)
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    if cfg.schedule == "step":   # x0.2 at 30%, 60% and 80% of training, as the SuperWeights recipe
+        return 0.2 ** sum(step >= total * f for f in (0.3, 0.6, 0.8))
+    return 1.0
+
+
+def make_optimizer(family: Family, cfg: TrainConfig) -> torch.optim.Optimizer:
+    no_decay_ids = {id(p) for p in family.generator.no_decay_parameters()}
+    decay, no_decay = [], []
+    for name, p in family.named_parameters():
+        # coefficients, norms and biases (all 1-D or listed by the generator) get no weight decay
+        (no_decay if id(p) in no_decay_ids or p.ndim <= 1 and "generator" not in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def family_loss(outputs: Sequence[Sequence[torch.Tensor]], y: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Sum over members of the exit-weighted cross-entropies."""
+    return sum(w * F.cross_entropy(logits, y) for exits in outputs for w, logits in zip(weights, exits))
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """The index batches of one epoch; a function of (seed, epoch) only, so resume replays it exactly.
+
+    With several processes each rank takes an equal slice of every global batch.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    out = []
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if len(idx) < max(2, world * 2):    # batch norm needs two examples per process
+            continue
+        per = len(idx) // world
+        out.append(idx[rank * per:(rank + 1) * per])
+    return out
+
+
+def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor, cfg: TrainConfig, start_epoch: int = 0,
+                 on_epoch: Callable[[int, float], None] | None = None, progress: bool = True,
+                 rank: int = 0, world: int = 1) -> list[float]:
+    """The loop itself. `model` is the family, or its DistributedDataParallel wrapper."""
+    from tqdm import tqdm
+
+    weights = exit_weights(cfg, family.num_exits)
+    steps_per_epoch = len(batches(len(x), cfg.batch_size, cfg.seed, 0, rank, world))
+    total = cfg.epochs * steps_per_epoch
+    losses = []
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train", unit="step",
+               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+    family.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        running, count = 0.0, 0
+        for i, idx in enumerate(batches(len(x), cfg.batch_size, cfg.seed, epoch, rank, world)):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, epoch * steps_per_epoch + i, total)
+            loss = family_loss(model(x[idx]), y[idx], weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running, count = running + loss.item(), count + 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{running / count:.3f}")
+        losses.append(running / max(count, 1))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, losses[-1])
+    bar.close()
+    family.eval()
+    return losses
+
+
+# --- the job: data + family + checkpoints ----------------------------------------------------------
+
+def prepare_data(spec: FamilySpec, data: str | None, data_seed: int | None) -> tuple[str, Dataset]:
+    defaults = registry.defaults("family", spec.family)
+    name = data or defaults.get("data", "mnist1d")
+    dataset = load_dataset(name, seed=data_seed).with_channels(defaults.get("input_ndim", 1))
+    spec.family_kwargs.setdefault("num_classes", dataset.num_classes)
+    spec.family_kwargs.setdefault("in_channels", dataset.input_shape[0])
+    return name, dataset
+
+
+def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, epoch: int, cfg: TrainConfig,
+                     losses: list[float]) -> None:
+    state = optimizer.state_dict()
+    tensors = {f"state.{idx}.{k}": v for idx, s in state["state"].items() for k, v in s.items()
+               if isinstance(v, torch.Tensor)}
+    sha = save_tensors(directory / TRAIN_STATE, tensors)
+    write_json(directory / TRAIN_META, {"epoch": epoch, "config": asdict(cfg), "losses": losses,
+                                        "param_groups": state["param_groups"], "sha256": sha})
+
+
+def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    meta = json.loads((directory / TRAIN_META).read_text())
+    tensors = load_tensors(directory / TRAIN_STATE, meta["sha256"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["epoch"]), list(meta["losses"])
+
+
+def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None = None,
+                 data_seed: int | None = None, resume: bool = False, progress: bool = True,
+                 rank: int = 0, world: int = 1) -> tuple[Family, Manifest]:
+    """Train (or resume) and leave a checkpoint in `out`. Checks everything before writing anything."""
+    cfg.checks()
+    out = Path(out)
+    if resume:
+        family, manifest = load_checkpoint(out)
+        spec, data = manifest.spec, manifest.data
+        if not (out / TRAIN_META).is_file():
+            raise UserError(f"{out} has no {TRAIN_META} to resume from")
+    elif (out / MANIFEST).exists():
+        raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    data, dataset = prepare_data(spec, data, data_seed)
+    if not resume:
+        family = build_family(spec)
+        manifest = Manifest(spec=spec, member_names=family.names, num_exits=family.num_exits,
+                            input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
+                            normalisation=dataset.normalisation(), budget_params=family.budget_params, data=data)
+    family.train()
+    norm = manifest.normalisation
+    x = torch.from_numpy(norm.apply(dataset.x_train))
+    y = torch.from_numpy(dataset.y_train)
+    _check_shapes(family, x, dataset)
+
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = family
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(family)
+    optimizer = make_optimizer(family, cfg)
+    start, losses = (load_train_state(out, optimizer) if resume else (0, []))
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        losses.append(loss)
+        if rank == 0:
+            save_checkpoint(out, family, manifest)
+            save_train_state(out, optimizer, epoch, cfg, losses)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        train_epochs(family, model, optimizer, x, y, cfg, start, on_epoch, progress, rank, world)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return family, manifest
+
+
+def _check_shapes(family: Family, x: torch.Tensor, dataset: Dataset) -> None:
+    """Fail before training, with a clear message, when the data does not fit the family."""
+    try:
+        with torch.no_grad():
+            family.eval()
+            family(x[:2])
+            family.train()
+    except RuntimeError as err:
+        raise UserError(f"data '{dataset.name}' with examples of shape {dataset.input_shape} does not fit "
+                        f"this family: {str(err).splitlines()[0]}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m npas_serve.train`: the `train` subcommand, DDP-aware under torchrun."""
+    from npas_serve.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
