@@ -122,13 +122,177 @@ def _evaluate(directory: Path) -> int:
     return 0
 
 
+def _engine_config(args: argparse.Namespace):
+    from npas_serve.engine import EngineConfig
+
+    return EngineConfig(device=args.device, cache_bytes=args.cache_bytes, max_batch=args.max_batch,
+                        model_name=args.name)
+
+
+def _add_engine_flags(p) -> None:
+    p.add_argument("--name", default="npas", help="model name clients ask for (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--cache-bytes", type=int, default=0,
+                   help="LRU cache of generated weights, in bytes; 0 keeps only the shared parameters")
+    p.add_argument("--max-batch", type=_positive_int, default=256, help="largest batch a request may carry")
+
+
+def _add_archive(sub) -> None:
+    p = sub.add_parser("archive", help="pack a checkpoint into model_store/NAME.mar for TorchServe",
+                       description="Verify a checkpoint, then pack it with the TorchServe handler into a .mar.")
+    p.add_argument("dir", type=Path, help="checkpoint directory")
+    p.add_argument("--model-store", type=Path, default=Path("model_store"))
+    p.add_argument("--version", default="1")
+    _add_engine_flags(p)
+    p.set_defaults(run=_archive)
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from npas_serve.archive import build_archive
+
+    target = build_archive(args.dir, args.name, args.model_store, args.version, _engine_config(args))
+    print(f"archive -> {target}")
+    return 0
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="the embedded gRPC server (no Java needed)",
+                       description="Serve a checkpoint directory or a .mar with TorchServe's gRPC inference "
+                                   "API, the gRPC health service and Prometheus /metrics. SIGTERM drains "
+                                   "in-flight requests, then exits.")
+    p.add_argument("model", type=Path, help="checkpoint directory or .mar file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--grpc-port", type=int, default=7070)
+    p.add_argument("--metrics-port", type=int, default=8082)
+    p.add_argument("--version", default="1")
+    _add_engine_flags(p)
+    p.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from npas_serve.archive import extract_archive
+    from npas_serve.engine import Engine
+    from npas_serve.servers.grpc_server import serve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = extract_archive(args.model, tmp) if args.model.suffix == ".mar" else args.model
+        config = _engine_config(args)
+        config.model_version = args.version
+        engine = Engine.load(model, config)
+        serve(engine, args.host, args.grpc_port, args.metrics_port, args.name, args.version)
+    return 0
+
+
+def _add_torchserve(sub) -> None:
+    p = sub.add_parser("torchserve", help="start, stop or inspect TorchServe for a .mar",
+                       description="Run TorchServe (Java frontend) with gRPC on 7070/7071, HTTP on 8080/8081 "
+                                   "and metrics on 8082. Token auth is on unless --dev; the keys are in "
+                                   "RUN_DIR/key_file.json.")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--model-store", type=Path, default=Path("model_store"))
+    p.add_argument("--name", default="npas")
+    p.add_argument("--run-dir", type=Path, default=Path(".torchserve"),
+                   help="where config, logs, pid and key files go (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dev", action="store_true", help="turn token auth off (local development only)")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
+    p.set_defaults(run=_torchserve)
+
+
+def _torchserve(args: argparse.Namespace) -> int:
+    from npas_serve.servers import torchserve as ts
+
+    ports = ts.Ports()
+    if args.action == "start":
+        pid = ts.start(args.model_store, args.name, args.run_dir, args.host, ports, args.dev, args.timeout)
+        auth = "off (--dev)" if args.dev else f"on; inference key in {args.run_dir / ts.KEY_FILE}"
+        print(f"TorchServe running (pid {pid}): gRPC {args.host}:{ports.grpc}, "
+              f"metrics http://{args.host}:{ports.metrics}/metrics, token auth {auth}")
+    elif args.action == "stop":
+        print("stopped" if ts.stop(args.run_dir) else "not running")
+    else:
+        print(ts.status(args.run_dir, args.name, ports, args.host))
+    return 0
+
+
+def _add_query(sub) -> None:
+    p = sub.add_parser("query", help="send one request over gRPC and print the answer",
+                       description="Query a running server (embedded or TorchServe). Inputs come from "
+                                   "--inputs FILE.npy / .npz (x), or --test-examples N from the model's data.")
+    p.add_argument("--target", default="127.0.0.1:7070")
+    p.add_argument("--name", default="npas")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--ensemble-size", default=None, help="members to combine, 1..N or auto")
+    group.add_argument("--anytime", action="store_true", help="anytime (early-exit) mode")
+    p.add_argument("--exit", default=None, help="anytime: exit to stop at")
+    p.add_argument("--members", nargs="+", default=None, help="explicit member names")
+    p.add_argument("--budget-ms", type=float, default=None, help="latency budget in milliseconds")
+    p.add_argument("--min-confidence", type=float, default=None)
+    p.add_argument("--stream", action="store_true", help="StreamPredictions: print every refined answer")
+    p.add_argument("--inputs", type=Path, default=None, help=".npy, or .npz with x")
+    p.add_argument("--data", default="mnist1d", help="data to draw test examples from (default: %(default)s)")
+    p.add_argument("--test-examples", type=_positive_int, default=4)
+    p.add_argument("--format", choices=["json", "protobuf"], default="json")
+    p.add_argument("--token", default=None, help="TorchServe inference key")
+    p.add_argument("--token-file", type=Path, default=None, help="TorchServe key_file.json")
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.set_defaults(run=_query)
+
+
+def _query(args: argparse.Namespace) -> int:
+    import json as _json
+
+    import numpy as np
+
+    from npas_serve.client import Client, ClientError
+
+    if args.inputs is not None:
+        if not args.inputs.is_file():
+            raise UserError(f"{args.inputs} does not exist")
+        loaded = np.load(args.inputs, allow_pickle=False)
+        x = loaded["x"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        labels = None
+    else:
+        from npas_serve.data import load_dataset
+
+        dataset = load_dataset(args.data)
+        x, labels = dataset.x_test[: args.test_examples], dataset.y_test[: args.test_examples]
+        x = x[:, None] if x.ndim == 2 else x
+    token = args.token
+    if token is None and args.token_file is not None:
+        token = _json.loads(args.token_file.read_text())["inference"]["key"]
+    knobs = {"mode": "anytime" if args.anytime else "ensemble", "ensemble_size": args.ensemble_size,
+             "exit": args.exit, "members": args.members, "latency_budget_ms": args.budget_ms,
+             "min_confidence": args.min_confidence}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    try:
+        with Client(args.target, args.name, token=token, timeout=args.timeout) as client:
+            answers = client.stream(x, fmt=args.format, **knobs) if args.stream else [
+                client.predict(x, fmt=args.format, **knobs)]
+            for a in answers:
+                used = f"exit {a.exit_reached} of {a.members_used[0]}" if a.exit_reached is not None \
+                    else f"members {', '.join(a.members_used)}"
+                budget = "" if a.budget_met is None else f", budget {'met' if a.budget_met else 'MISSED'}"
+                print(f"{'final' if a.final else 'partial'}: predictions {a.predictions} ({used}; "
+                      f"{a.latency_ms:.1f} ms{budget})")
+                print(f"  entropy {[round(v, 3) for v in a.entropy]}, "
+                      f"disagreement {[round(v, 2) for v in a.disagreement]}")
+    except ClientError as err:
+        raise UserError(f"server answered {err}") from None
+    if labels is not None:
+        print(f"  labels      {labels.tolist()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npas-serve", epilog=EPILOG,
         description="Train one SuperWeight bank for several architectures, and serve ensembles "
                     "and anytime (early-exit) predictions from it under a latency budget.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_eval):
+    for add in (_add_train, _add_eval, _add_archive, _add_serve, _add_torchserve, _add_query):
         add(sub)
     return parser
 

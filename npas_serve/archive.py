@@ -1,0 +1,71 @@
+"""`npas-serve archive`: pack a checkpoint into model_store/<name>.mar for TorchServe.
+
+The .mar holds the handler from this repository, the checkpoint's tensor file
+and manifest, and the engine config; never code from the checkpoint itself.
+The checkpoint is verified (sha256, rebuildable family) before anything is written.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from npas_serve.checkpoint import MANIFEST, TENSORS, load_checkpoint
+from npas_serve.engine import EngineConfig
+from npas_serve.errors import UserError
+
+HANDLER = Path(__file__).resolve().parents[1] / "handlers" / "npas_handler.py"
+CONFIG = "npas_config.json"
+MODEL_CONFIG = "model-config.yaml"
+
+
+def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path("model_store"),
+                  version: str = "1", config: EngineConfig | None = None, workers: int = 1) -> Path:
+    checkpoint, model_store = Path(checkpoint), Path(model_store)
+    load_checkpoint(checkpoint)   # refuses a tampered or mismatched checkpoint before packing it
+    if not HANDLER.is_file():
+        raise UserError(f"handler {HANDLER} is missing; run from a full checkout of npas-serve")
+    config = config or EngineConfig()
+    config.model_name, config.model_version = name, version
+    model_store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        engine_config = asdict(config)
+        engine_config["warmup_batch_sizes"] = list(config.warmup_batch_sizes)
+        (tmp / CONFIG).write_text(json.dumps(engine_config, indent=2))
+        (tmp / MODEL_CONFIG).write_text(
+            f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: 1\nresponseTimeout: 120\n")
+        export = tmp / "export"
+        export.mkdir()
+        extra = [checkpoint / TENSORS, checkpoint / MANIFEST, tmp / CONFIG]
+        cmd = [sys.executable, "-m", "model_archiver.model_packaging",
+               "--model-name", name, "--version", version, "--handler", str(HANDLER),
+               "--extra-files", ",".join(str(p) for p in extra), "--config-file", str(tmp / MODEL_CONFIG),
+               "--export-path", str(export), "--force"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        built = export / f"{name}.mar"
+        if done.returncode != 0 or not built.is_file():
+            raise UserError(f"torch-model-archiver failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        target = model_store / f"{name}.mar"
+        shutil.move(str(built), target)     # complete file only: the archive is built elsewhere first
+    return target
+
+
+def extract_archive(mar: Path, into: Path) -> Path:
+    """Unpack the checkpoint files of a .mar (for `npas-serve serve FILE.mar`)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(mar) as zf:
+            names = set(zf.namelist())
+            for wanted in (TENSORS, MANIFEST, CONFIG):
+                if wanted not in names:
+                    raise UserError(f"{mar} is not an npas-serve archive: {wanted} is missing")
+                zf.extract(wanted, into)
+    except zipfile.BadZipFile:
+        raise UserError(f"{mar} is not a .mar (zip) archive") from None
+    return Path(into)

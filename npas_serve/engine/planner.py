@@ -1,0 +1,148 @@
+"""The latency planner: a per-stage cost model and the choice of work under a budget.
+
+The unit of work is a (member, stage) step: generate the stage's weights, run
+it, run its exit head. At load the engine times every step at a few batch
+sizes and fits ``ms = a + b * batch`` per step; every executed step then
+nudges a per-step correction factor (an exponential moving average of
+observed / predicted), so the model follows the machine it runs on.
+
+Choices under a budget, "most accuracy per millisecond first":
+- ensemble: members ranked by final-exit accuracy per predicted ms, added
+  while the predicted total fits;
+- anytime: the (member, exit) with the best accuracy among those predicted to
+  fit; its exits then run in order, each refining the answer.
+Accuracies come from the evaluation report in the manifest.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+SAFETY = 0.8          # plan to use at most this share of the remaining budget
+EMA = 0.1             # weight of a new observation in the correction factor
+
+
+@dataclass(frozen=True)
+class Step:
+    member: int
+    stage: int
+
+
+@dataclass
+class Plan:
+    mode: str
+    steps: list[Step]
+    members: list[int]            # members whose answers are combined (ensemble) or the anytime member
+    last_exit: int | None         # anytime: deepest exit to run
+    predicted_ms: float
+
+
+class CostModel:
+    """Predicted milliseconds of each (member, stage) step, as a function of the batch size."""
+
+    def __init__(self, num_members: int, num_stages: int):
+        self.shape = (num_members, num_stages)
+        self.intercept = np.zeros(self.shape)
+        self.slope = np.zeros(self.shape)
+        self.correction = np.ones(self.shape)
+        self._lock = threading.Lock()
+
+    def fit(self, measure: Callable[[int, int], list[float]], batch_sizes: Sequence[int] = (1, 8, 32),
+            repeats: int = 5) -> None:
+        """Least squares over batch sizes of each stage's median time.
+
+        `measure(member, batch)` returns the milliseconds of every stage of one
+        pass; the first pass per member is discarded (allocator warm-up).
+        """
+        sizes = np.array(batch_sizes, dtype=float)
+        for m in range(self.shape[0]):
+            measure(m, int(batch_sizes[0]))
+            medians = np.array([[statistics.median(t) for t in zip(*(measure(m, int(b)) for _ in range(repeats)))]
+                                for b in batch_sizes])            # (batch sizes, stages)
+            for s in range(self.shape[1]):
+                slope, intercept = (np.polyfit(sizes, medians[:, s], 1) if len(sizes) > 1
+                                    else (0.0, medians[0, s]))
+                self.intercept[m, s] = max(intercept, 0.0)
+                self.slope[m, s] = max(slope, 0.0)
+
+    def predict(self, step: Step, batch: int) -> float:
+        m, s = step.member, step.stage
+        return float((self.intercept[m, s] + self.slope[m, s] * batch) * self.correction[m, s])
+
+    def observe(self, step: Step, batch: int, ms: float) -> None:
+        raw = self.intercept[step.member, step.stage] + self.slope[step.member, step.stage] * batch
+        if raw <= 0:
+            return
+        with self._lock:
+            c = self.correction[step.member, step.stage]
+            self.correction[step.member, step.stage] = (1 - EMA) * c + EMA * (ms / raw)
+
+    def member_ms(self, member: int, batch: int, upto: int | None = None) -> float:
+        last = self.shape[1] - 1 if upto is None else upto
+        return sum(self.predict(Step(member, s), batch) for s in range(last + 1))
+
+
+class Planner:
+    def __init__(self, cost: CostModel, final_accuracy: Sequence[float], exit_accuracy: np.ndarray,
+                 member_order: Sequence[int]):
+        self.cost = cost
+        self.final_accuracy = list(final_accuracy)      # per member, last exit
+        self.exit_accuracy = exit_accuracy              # (members, exits)
+        self.member_order = list(member_order)          # best first: what ensemble_size=k takes
+
+    def ensemble(self, batch: int, size: int | None, members: Sequence[int] | None,
+                 budget_ms: float | None) -> Plan:
+        if members is not None:
+            chosen = list(members)
+        elif budget_ms is None:
+            chosen = self.member_order[: size or len(self.member_order)]
+        else:
+            ranked = sorted(self.member_order, key=lambda m: -self.final_accuracy[m]
+                            / max(self.cost.member_ms(m, batch), 1e-6))
+            chosen, spent, limit = [], 0.0, budget_ms * SAFETY
+            for m in ranked:
+                ms = self.cost.member_ms(m, batch)
+                if len(chosen) < (size or len(ranked)) and (not chosen or spent + ms <= limit):
+                    chosen.append(m)
+                    spent += ms
+            # the first member always runs: an answer late beats no answer; if it does not fit,
+            # run the fastest one instead
+            if self.cost.member_ms(chosen[0], batch) > limit and len(chosen) == 1:
+                chosen = [min(ranked, key=lambda m: self.cost.member_ms(m, batch))]
+        steps = [Step(m, s) for m in chosen for s in range(self.cost.shape[1])]
+        return Plan("ensemble", steps, chosen, None, self._predict(steps, batch))
+
+    def anytime(self, batch: int, member: int | None, exit: int | None, budget_ms: float | None) -> Plan:
+        num_exits = self.cost.shape[1]
+        candidates = [member] if member is not None else self.member_order
+        if budget_ms is None:
+            m = candidates[0]
+            last = num_exits - 1 if exit is None else exit
+        else:
+            limit, best = budget_ms * SAFETY, None
+            for m in candidates:
+                top = num_exits - 1 if exit is None else exit
+                for e in range(top + 1):
+                    if self.cost.member_ms(m, batch, e) <= limit or e == 0:
+                        key = (self.cost.member_ms(m, batch, e) <= limit, self.exit_accuracy[m, e],
+                               -self.cost.member_ms(m, batch, e))
+                        if best is None or key > best[0]:
+                            best = (key, m, e)
+            _, m, last = best
+        steps = [Step(m, s) for s in range(last + 1)]
+        return Plan("anytime", steps, [m], last, self._predict(steps, batch))
+
+    def _predict(self, steps: Sequence[Step], batch: int) -> float:
+        return sum(self.cost.predict(s, batch) for s in steps)
+
+    def fits(self, steps: Sequence[Step], batch: int, started: float, budget_ms: float | None) -> bool:
+        """Whether `steps` are still predicted to finish within the budget, given the time spent."""
+        if budget_ms is None:
+            return True
+        spent = (time.perf_counter() - started) * 1000
+        return spent + self._predict(steps, batch) <= budget_ms

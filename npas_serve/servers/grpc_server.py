@@ -1,0 +1,115 @@
+"""The embedded server: TorchServe's gRPC inference API on grpcio, over the same engine.
+
+Quick start without Java: `npas-serve serve runs/default`. It adds what
+TorchServe has elsewhere: the standard gRPC health service, Prometheus
+`/metrics` on its own port, and a graceful shutdown on SIGTERM (stop taking
+requests, finish the in-flight ones, exit).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from npas_serve.engine import Engine
+from npas_serve.protocol import RequestError, encode_response
+from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
+from npas_serve.servers.metrics import PrometheusSink, record
+
+log = logging.getLogger(__name__)
+SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
+    """One short method per RPC; the engine decides everything."""
+
+    def __init__(self, engine: Engine, model_name: str, model_version: str):
+        self.engine, self.model_name, self.model_version = engine, model_name, model_version
+
+    def Ping(self, request, context):
+        return inference_pb2.TorchServeHealthResponse(health=json.dumps({"status": "Healthy"}))
+
+    def Predictions(self, request, context):
+        req = self._parse(request, context)
+        return self._reply(self.engine.answer(req), req)
+
+    def StreamPredictions(self, request, context):
+        req = self._parse(request, context)
+        for answer in self.engine.answers(req):
+            yield self._reply(answer, req)
+
+    def _parse(self, request, context):
+        if request.model_name != self.model_name:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.model_name}'; "
+                                                     f"this server serves '{self.model_name}'")
+        if request.model_version not in ("", self.model_version):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown version '{request.model_version}' of model "
+                                                     f"'{self.model_name}'; it has '{self.model_version}'")
+        try:
+            return self.engine.parse(dict(request.input))
+        except RequestError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err}")
+
+    @staticmethod
+    def _reply(answer, req):
+        return inference_pb2.PredictionResponse(prediction=encode_response(answer, req.payload_format))
+
+
+def create_server(engine: Engine, host: str = "127.0.0.1", port: int = 7070, model_name: str = "npas",
+                  model_version: str = "1", workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started-on-demand server and the port it bound (pass port 0 for any free port)."""
+    limit = engine.limits.max_payload_bytes + 64 * 1024     # room for the request envelope
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=[("grpc.max_receive_message_length", limit)])
+    inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
+        InferenceServicer(engine, model_name, model_version), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    return server, bound, health_servicer
+
+
+def start_metrics(engine: Engine, model_name: str, host: str, port: int):
+    """Serve /metrics from prometheus-client and feed it every request's observation."""
+    import prometheus_client as prom
+
+    sink = PrometheusSink(model_name)
+    sink.start_gauges(engine)
+    engine.add_observer(lambda obs: record(sink, engine, obs))
+    http_server, _ = prom.start_http_server(port, addr=host, registry=sink.registry)
+    return http_server
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metrics_port: int = 8082,
+          model_name: str = "npas", model_version: str = "1", grace_s: float = 30.0) -> None:
+    """Run until SIGTERM/SIGINT, then drain: health says NOT_SERVING, in-flight requests finish."""
+    metrics = start_metrics(engine, model_name, host, metrics_port)
+    server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
+    server.start()
+    for service in ("", SERVICE):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    print(f"serving '{model_name}' on {host}:{port} (gRPC), metrics on "
+          f"http://{host}:{metrics.server_port}/metrics", flush=True)
+
+    stopping = threading.Event()
+
+    def drain(signum, frame):
+        if stopping.is_set():
+            return
+        stopping.set()
+        log.info("signal %s: draining", signum)
+        health_servicer.enter_graceful_shutdown()
+        server.stop(grace_s)           # refuses new RPCs, waits for in-flight ones
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    server.wait_for_termination()
+    metrics.shutdown()
+    print("stopped", flush=True)

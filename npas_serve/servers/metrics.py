@@ -1,0 +1,132 @@
+"""The project's metrics: one table, two sinks (prometheus-client and TorchServe).
+
+Both servers emit the same names with the same labels. `ModelName` is the
+model label because TorchServe adds it (and `Level`, `Hostname`) to every
+custom metric by itself; the embedded server uses the same name so one
+Grafana dashboard reads both. The TorchServe metrics YAML is generated from
+this table, because TorchServe only exports metrics declared there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from npas_serve.engine import Engine, Observation
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    kind: str                   # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]     # besides ModelName
+    unit: str = "count"
+
+
+METRICS = (
+    MetricSpec("npas_requests_total", "counter", "Requests answered, by mode and status (ok, invalid, error)",
+               ("mode", "status")),
+    MetricSpec("npas_request_latency_seconds", "histogram", "Engine latency of a request", ("mode",), "s"),
+    MetricSpec("npas_members_run_total", "counter", "Members run to their final exit or anytime depth",
+               ("member",)),
+    MetricSpec("npas_exit_depth_total", "counter", "Anytime answers, by the exit they came from", ("exit",)),
+    MetricSpec("npas_budget_misses_total", "counter", "Requests that finished after their latency budget",
+               ("mode",)),
+    MetricSpec("npas_weight_generation_seconds", "histogram", "Time spent generating weights for a request",
+               (), "s"),
+    MetricSpec("npas_resident_bank_bytes", "gauge",
+               "Resident shared state: bank, coefficients, norms and heads", (), "B"),
+    MetricSpec("npas_cache_bytes", "gauge", "Generated weights held by the cache", (), "B"),
+    MetricSpec("npas_cache_hits_total", "counter", "Stage weights served from the cache", ()),
+)
+BY_NAME = {m.name: m for m in METRICS}
+
+
+class Sink(Protocol):
+    def emit(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None: ...
+
+
+def record(sink: Sink, engine: Engine, obs: Observation) -> None:
+    """Turn one request's observation (and the engine's memory figures) into metric updates."""
+    emit = lambda name, value, **labels: sink.emit(BY_NAME[name], value, labels)  # noqa: E731
+    emit("npas_requests_total", 1, mode=obs.mode, status=obs.status)
+    if obs.status == "invalid":    # refused before any work: nothing else to record
+        return
+    emit("npas_request_latency_seconds", obs.latency_s, mode=obs.mode)
+    for member in obs.members_run:
+        emit("npas_members_run_total", 1, member=member)
+    if obs.mode == "anytime" and obs.exit_depth is not None:
+        emit("npas_exit_depth_total", 1, exit=str(obs.exit_depth))
+    if obs.budget_missed:
+        emit("npas_budget_misses_total", 1, mode=obs.mode)
+    emit("npas_weight_generation_seconds", obs.generation_s)
+    resident = engine.resident_bytes()
+    emit("npas_resident_bank_bytes", resident.total - resident.cache)
+    emit("npas_cache_bytes", resident.cache)
+    hits, engine.cache.hits = engine.cache.hits, 0     # counters take increments
+    if hits:
+        emit("npas_cache_hits_total", hits)
+
+
+class PrometheusSink:
+    """prometheus-client metrics on their own registry (served by the embedded server)."""
+
+    def __init__(self, model_name: str, registry=None):
+        import prometheus_client as prom
+
+        self.registry = registry if registry is not None else prom.CollectorRegistry()
+        self.model_name = model_name
+        self._metrics = {}
+        for spec in METRICS:
+            labels = ("ModelName", *spec.labels)
+            if spec.kind == "counter":
+                # prometheus-client appends _total itself
+                metric = prom.Counter(spec.name.removesuffix("_total"), spec.help, labels, registry=self.registry)
+            elif spec.kind == "gauge":
+                metric = prom.Gauge(spec.name, spec.help, labels, registry=self.registry)
+            else:
+                metric = prom.Histogram(spec.name, spec.help, labels, buckets=LATENCY_BUCKETS,
+                                        registry=self.registry)
+            self._metrics[spec.name] = metric
+
+    def emit(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
+        metric = self._metrics[spec.name].labels(ModelName=self.model_name, **labels)
+        update = {"counter": "inc", "gauge": "set", "histogram": "observe"}[spec.kind]
+        getattr(metric, update)(value)
+
+    def start_gauges(self, engine: Engine) -> None:
+        """Memory gauges are known before the first request."""
+        resident = engine.resident_bytes()
+        self.emit(BY_NAME["npas_resident_bank_bytes"], resident.total - resident.cache, {})
+        self.emit(BY_NAME["npas_cache_bytes"], resident.cache, {})
+
+
+class TorchServeSink:
+    """TorchServe's `context.metrics`: the frontend exports them on :8082/metrics."""
+
+    def __init__(self, metrics, model_name: str):
+        self.metrics = metrics
+        self.model_name = model_name
+
+    def emit(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
+        from ts.metrics.dimension import Dimension
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        dims = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
+        dims += [Dimension(k, str(v)) for k, v in labels.items()]
+        self.metrics.add_metric(spec.name, value, spec.unit, None, dims, MetricTypes(spec.kind))
+
+
+def torchserve_metrics_yaml(specs: Sequence[MetricSpec] = METRICS) -> str:
+    """The `model_metrics:` section TorchServe needs to export our metrics (dimensions in emit order)."""
+    lines = ["dimensions:", '  - &model_name "ModelName"', '  - &level "Level"', "", "model_metrics:"]
+    for kind in ("counter", "gauge", "histogram"):
+        chosen = [s for s in specs if s.kind == kind]
+        if chosen:
+            lines.append(f"  {kind}:")
+            for s in chosen:
+                dims = ", ".join(["*model_name", "*level", *s.labels])
+                lines += [f"    - name: {s.name}", f"      unit: {s.unit}", f"      dimensions: [{dims}]"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,220 @@
+"""`npas-serve torchserve start|stop|status`: run TorchServe (the Java frontend) for a .mar.
+
+Everything TorchServe writes (config.properties, the metrics YAML, key_file.json
+with the auth tokens, logs, its pid file) goes in one run directory, so two
+instances never collide through /tmp. Readiness is a worker in state READY on
+the management API, not `/ping`, which says Healthy while a worker crash-loops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from npas_serve.errors import UserError
+from npas_serve.servers.metrics import METRICS
+
+PID = "torchserve.pid"
+KEY_FILE = "key_file.json"
+
+
+@dataclass
+class Ports:
+    grpc: int = 7070
+    grpc_management: int = 7071
+    http: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+
+
+def metrics_yaml() -> str:
+    """TorchServe's default metrics plus ours under `model_metrics:` (only declared ones are exported)."""
+    import yaml
+    import ts
+
+    base = yaml.safe_load((Path(ts.__file__).parent / "configs" / "metrics.yaml").read_text())
+    model = base.setdefault("model_metrics", {})
+    for spec in METRICS:
+        model.setdefault(spec.kind, []).append(
+            {"name": spec.name, "unit": spec.unit, "dimensions": ["ModelName", "Level", *spec.labels]})
+    return yaml.safe_dump(base, sort_keys=False)
+
+
+def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports, dev: bool) -> str:
+    lines = {
+        "inference_address": f"http://{host}:{ports.http}",
+        "management_address": f"http://{host}:{ports.management}",
+        "metrics_address": f"http://{host}:{ports.metrics}",
+        "grpc_inference_address": host,
+        "grpc_management_address": host,
+        "grpc_inference_port": ports.grpc,
+        "grpc_management_port": ports.grpc_management,
+        "enable_grpc_ssl": "false",
+        "metrics_mode": "prometheus",
+        "metrics_config": run_dir / "metrics.yaml",
+        "model_store": model_store,
+        "default_workers_per_model": 1,
+        "disable_token_authorization": "true" if dev else "false",
+        "install_py_dep_per_model": "false",
+        "model_metrics_auto_detect": "false",
+        "disable_system_metrics": "true",
+    }
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchserve"), host: str = "127.0.0.1",
+          ports: Ports | None = None, dev: bool = False, timeout_s: float = 180.0) -> int:
+    """Start TorchServe with `<model_store>/<name>.mar`, wait for a READY worker; returns the PID."""
+    ports = ports or Ports()
+    model_store, run_dir = Path(model_store).resolve(), Path(run_dir).resolve()
+    mar = model_store / f"{name}.mar"
+    if not mar.is_file():
+        raise UserError(f"{mar} does not exist; build it with `npas-serve archive DIR --name {name}`")
+    if shutil.which("java") is None:
+        raise UserError("java is not on PATH; TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)")
+    if running_pid(run_dir) is not None:
+        raise UserError(f"TorchServe from {run_dir} is already running (pid {running_pid(run_dir)}); stop it first")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    (run_dir / "metrics.yaml").write_text(metrics_yaml())
+    (run_dir / "config.properties").write_text(config_properties(run_dir, model_store, host, ports, dev))
+    (run_dir / KEY_FILE).unlink(missing_ok=True)
+    env = dict(os.environ, TMPDIR=str(run_dir), TEMP=str(run_dir), LOG_LOCATION=str(run_dir / "logs"),
+               METRICS_LOCATION=str(run_dir / "logs"))
+    cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
+           "--ts-config", str(run_dir / "config.properties"), "--model-store", str(model_store),
+           "--models", f"{name}={name}.mar"]
+    if dev:
+        cmd.append("--disable-token-auth")
+    with open(run_dir / "logs" / "launcher.log", "ab") as log:
+        # a session of its own: stop() signals the whole group (java and its Python workers)
+        proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    (run_dir / PID).write_text(str(proc.pid))
+    try:
+        wait_ready(run_dir, name, ports, host, timeout_s, proc)
+    except BaseException:
+        stop(run_dir)
+        raise
+    return proc.pid
+
+
+def management_token(run_dir: Path) -> str | None:
+    path = Path(run_dir) / KEY_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["management"]["key"]
+
+
+def inference_token(run_dir: Path) -> str | None:
+    path = Path(run_dir) / KEY_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["inference"]["key"]
+
+
+def worker_states(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> list[str]:
+    req = urllib.request.Request(f"http://{host}:{ports.management}/models/{name}")
+    token = management_token(run_dir)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        described = json.loads(resp.read())
+    return [w["status"] for model in described for w in model.get("workers", [])]
+
+
+def wait_ready(run_dir: Path, name: str, ports: Ports, host: str, timeout_s: float,
+               proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise UserError(f"TorchServe exited with status {proc.returncode}; see {run_dir / 'logs'}")
+        try:
+            if "READY" in worker_states(run_dir, name, ports, host):
+                return
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass   # frontend not up yet, or key file not written yet
+        time.sleep(0.5)
+    raise UserError(f"no TorchServe worker for '{name}' became READY within {timeout_s:.0f}s; "
+                    f"see {run_dir / 'logs' / 'model_log.log'}")
+
+
+def running_pid(run_dir: Path) -> int | None:
+    path = Path(run_dir) / PID
+    if not path.is_file():
+        return None
+    pid = int(path.read_text().strip() or 0)
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def stop(run_dir: Path = Path(".torchserve"), timeout_s: float = 60.0) -> bool:
+    """SIGTERM the TorchServe process group, SIGKILL what is left after `timeout_s`. False if none ran."""
+    run_dir = Path(run_dir)
+    pid = running_pid(run_dir)
+    if pid is None:
+        (run_dir / PID).unlink(missing_ok=True)
+        return False
+    pgid = os.getpgid(pid)
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.5)
+    (run_dir / PID).unlink(missing_ok=True)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # the launcher may be a zombie waiting for us to reap it
+    try:
+        os.waitpid(-pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return any(_pgid_of(p) == pgid and not _zombie(p) for p in _pids())
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _pgid_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def status(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> str:
+    pid = running_pid(run_dir)
+    if pid is None:
+        return "stopped"
+    try:
+        states = worker_states(run_dir, name, ports, host)
+    except (urllib.error.URLError, OSError, ValueError):
+        return f"running (pid {pid}), management API not answering"
+    return f"running (pid {pid}), workers: {', '.join(states) or 'none'}"
