@@ -11,6 +11,7 @@ import os
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
+from ts.utils.util import PredictionException
 
 from npas_serve.engine import Engine, EngineConfig
 from npas_serve.protocol import RequestError, encode_response
@@ -36,9 +37,9 @@ class NpasHandler(BaseHandler):
         self.initialized = True
 
     def handle(self, data, context):
-        return [self._one(i, row, context) for i, row in enumerate(data)]
+        return [self._one(i, row, context, alone=len(data) == 1) for i, row in enumerate(data)]
 
-    def _one(self, idx: int, fields: dict, context) -> bytes:
+    def _one(self, idx: int, fields: dict, context, alone: bool) -> bytes:
         grpc_call = "body" not in fields           # HTTP puts the payload under `body`
         try:
             request = self.engine.parse(fields)
@@ -50,6 +51,10 @@ class NpasHandler(BaseHandler):
                 final = final_next
             body = encode_response(final, request.payload_format)
         except RequestError as err:
+            if alone:
+                # TorchServe turns a worker-level 400 into gRPC INVALID_ARGUMENT / HTTP 400; a
+                # per-request status inside a batch reaches HTTP clients only (archives use batch 1)
+                raise PredictionException(f"{err.field}: {err}", 400) from None
             context.set_response_status(400, f"{err.field}: {err}", idx)
             body = json.dumps({"error": str(err), "field": err.field}).encode()
         if grpc_call:
