@@ -1,0 +1,129 @@
+"""gRPC client for TorchServe and the embedded server (same API, same calls).
+
+Token auth: TorchServe 0.12 enables it by default. Its gRPC interceptor reads
+the metadata key `authorization`, which must match `Bearer <token>`, and
+answers PERMISSION_DENIED otherwise; the inference port wants the
+"inference" key from the `key_file.json` that TorchServe writes into its
+working directory at start-up (the management port wants the "management" key).
+
+    with Client("127.0.0.1:7070", token=key) as client:
+        answer = client.predict(x, ensemble_size=3, latency_budget_ms=20)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import numpy as np
+
+from npas_serve.protocol.response import InferenceResponse, decode_response, encode_request
+
+
+class ClientError(RuntimeError):
+    """A call that did not succeed; `code` is the gRPC status name, e.g. INVALID_ARGUMENT."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+class Client:
+    def __init__(self, target: str = "127.0.0.1:7070", model_name: str = "npas",
+                 model_version: str | None = None, token: str | None = None,
+                 timeout: float = 30.0, credentials=None):
+        """`credentials`: grpc.ChannelCredentials for TLS; None means plaintext."""
+        import grpc  # lazy: the rest of npas_serve works without it
+
+        from npas_serve.protocol import inference_pb2_grpc
+
+        self.model_name, self.model_version, self.timeout = model_name, model_version or "", timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = (grpc.secure_channel(target, credentials) if credentials
+                         else grpc.insecure_channel(target))
+        self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+
+    def ping(self) -> str:
+        """The server's health status, e.g. "Healthy" (TorchServe sends it as JSON)."""
+        from google.protobuf import empty_pb2
+
+        health = self._call(self._stub.Ping, empty_pb2.Empty()).health
+        try:
+            return str(json.loads(health)["status"])
+        except (ValueError, KeyError, TypeError):
+            return health
+
+    def predict(self, inputs: np.ndarray, *, fmt: str = "json", **knobs) -> InferenceResponse:
+        """One answer for a batch `inputs` of shape (B, *input_shape); knobs as in DESIGN.md."""
+        reply = self._call(self._stub.Predictions, self._request(inputs, fmt, knobs))
+        return self._decode(reply)
+
+    def stream(self, inputs: np.ndarray, *, fmt: str = "json", **knobs) -> Iterator[InferenceResponse]:
+        """Refined answers as each member/exit finishes; the last has final=True."""
+        import grpc
+
+        call = self._stub.StreamPredictions(self._request(inputs, fmt, {**knobs, "stream": True}),
+                                            timeout=self.timeout, metadata=self._metadata)
+        try:
+            for reply in call:
+                yield self._decode(reply)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details() or "") from None
+        finally:
+            call.cancel()  # no-op when finished; stops the server when the caller breaks early
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, inputs, fmt: str, knobs: dict):
+        from npas_serve.protocol import inference_pb2
+
+        return inference_pb2.PredictionsRequest(
+            model_name=self.model_name, model_version=self.model_version,
+            input={"data": encode_request(inputs, fmt, **knobs)})
+
+    def _call(self, method, request):
+        import grpc
+
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise ClientError(exc.code().name, exc.details() or "") from None
+
+    @staticmethod
+    def _decode(reply) -> InferenceResponse:
+        if reply.HasField("status") and reply.status.code != 0:  # per-message error (StreamPredictions2 style)
+            import grpc
+
+            names = {code.value[0]: code.name for code in grpc.StatusCode}
+            raise ClientError(names.get(reply.status.code, str(reply.status.code)), reply.status.message)
+        try:
+            return decode_response(reply.prediction)
+        except ValueError as exc:
+            error = _error_body(reply.prediction)
+            if error is not None:
+                raise ClientError("INVALID_ARGUMENT", error) from None
+            raise ClientError("UNKNOWN", f"undecodable answer: {exc}") from None
+
+
+def _error_body(payload: bytes) -> str | None:
+    """A handler's per-request refusal, {"error": ..., "field": ...}.
+
+    TorchServe's gRPC frontend drops the per-request status a handler sets
+    (only a whole-batch failure becomes a gRPC status), so a refusal of one
+    request in a batch can only travel as an OK reply with this body.
+    """
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("error"), str):
+        return None
+    return f"{body['field']}: {body['error']}" if isinstance(body.get("field"), str) else body["error"]
