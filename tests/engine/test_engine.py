@@ -1,0 +1,104 @@
+"""The engine: answers, uncertainty, anytime stopping, resident memory, cache."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from npas_serve.checkpoint import load_checkpoint
+from npas_serve.engine import Engine, EngineConfig
+from npas_serve.layers import SharedLayer
+from npas_serve.protocol import InferenceRequest
+
+
+@pytest.fixture(scope="module")
+def engine(served_checkpoint):
+    return Engine.load(served_checkpoint, EngineConfig(warmup_batch_sizes=(1, 4)))
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).normal(size=(6, 1, 40)).astype(np.float32)
+
+
+def direct_probs(checkpoint, x) -> torch.Tensor:
+    """Final-exit softmax of every member, computed straight from the family."""
+    family, manifest = load_checkpoint(checkpoint)
+    norm = manifest.normalisation
+    with torch.no_grad():
+        return torch.stack([e[-1].softmax(-1) for e in family(torch.from_numpy(norm.apply(x)))])
+
+
+def test_ensemble_is_the_mean_of_the_chosen_members(engine, served_checkpoint, x):
+    probs = direct_probs(served_checkpoint, x)
+    order = [engine.names.index(n) for n in engine.manifest.report["member_order"]]
+    for k in range(1, len(engine.names) + 1):
+        answer = engine.answer(InferenceRequest(inputs=x, ensemble_size=k))
+        assert answer.members_used == [engine.names[m] for m in order[:k]]
+        np.testing.assert_allclose(answer.probabilities, probs[order[:k]].mean(0).numpy(), atol=1e-5)
+
+
+def test_uncertainty_is_entropy_and_disagreement(engine, served_checkpoint, x):
+    probs = direct_probs(served_checkpoint, x)
+    answer = engine.answer(InferenceRequest(inputs=x))
+    mean = probs.mean(0)
+    np.testing.assert_allclose(answer.entropy, -(mean * mean.log()).sum(-1).numpy(), atol=1e-4)
+    votes = probs.argmax(-1)
+    expected = (votes != mean.argmax(-1)).float().mean(0).numpy()
+    np.testing.assert_allclose(answer.disagreement, expected)
+
+
+def test_anytime_streams_every_exit_then_stops(engine, x):
+    answers = list(engine.answers(InferenceRequest(inputs=x, mode="anytime")))
+    assert [a.exit_reached for a in answers] == [0, 1, 2]
+    assert [a.final for a in answers] == [False, False, True]
+    assert engine.answer(InferenceRequest(inputs=x, mode="anytime", exit=1)).exit_reached == 1
+
+
+def test_anytime_stops_at_min_confidence(engine, x):
+    answers = list(engine.answers(InferenceRequest(inputs=x, mode="anytime", min_confidence=0.0)))
+    assert len(answers) == 1 and answers[0].final and answers[0].exit_reached == 0
+
+
+def test_budget_is_reported(engine, x):
+    roomy = engine.answer(InferenceRequest(inputs=x, latency_budget_ms=50_000))
+    assert roomy.budget_met is True and roomy.latency_budget_ms == 50_000
+    assert engine.answer(InferenceRequest(inputs=x)).budget_met is None
+
+
+def test_a_past_deadline_still_answers_and_says_the_budget_was_missed(engine, x):
+    import time
+
+    answer = engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 - 1000))
+    assert answer.budget_met is False and len(answer.members_used) == 1
+
+
+def test_resident_bytes_are_the_shared_parameters_only(engine, x):
+    engine.answer(InferenceRequest(inputs=x))
+    resident = engine.resident_bytes()
+    state = engine.family.state_dict()
+    assert resident.total == sum(t.numel() * t.element_size() for t in state.values())
+    assert resident.cache == 0
+    assert resident.bank == engine.family.generator.bank_numel() * 4
+    # no generated weight outlives a request
+    assert all(m.weight is None for m in engine.family.modules() if isinstance(m, SharedLayer))
+    unshared = sum(s.numel for s in engine.family.slots) * 4
+    assert resident.bank < unshared
+
+
+def test_cache_is_bounded_in_bytes_and_hits(served_checkpoint, x):
+    eng = Engine.load(served_checkpoint, EngineConfig(cache_bytes=10**9, warmup_batch_sizes=(1,)))
+    eng.answer(InferenceRequest(inputs=x))
+    hits = eng.cache.hits
+    eng.answer(InferenceRequest(inputs=x))
+    assert eng.cache.hits > hits and 0 < eng.resident_bytes().cache <= 10**9
+    small = Engine.load(served_checkpoint, EngineConfig(cache_bytes=1, warmup_batch_sizes=(1,)))
+    small.answer(InferenceRequest(inputs=x))
+    assert small.resident_bytes().cache == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_runs_on_cuda(served_checkpoint, x):
+    eng = Engine.load(served_checkpoint, EngineConfig(device="cuda", warmup_batch_sizes=(1,)))
+    answer = eng.answer(InferenceRequest(inputs=x))
+    assert next(eng.family.parameters()).is_cuda and answer.probabilities.shape == (6, 10)

@@ -1,0 +1,63 @@
+"""The planner's choices, on a cost model with known costs (no timing involved)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from npas_serve.engine.planner import CostModel, Planner, Step
+
+
+def planner(costs_ms=((1, 1, 1), (2, 2, 2), (4, 4, 4)), acc=((0.5, 0.7, 0.9), (0.6, 0.8, 0.95), (0.6, 0.9, 0.99))):
+    cost = CostModel(len(costs_ms), len(costs_ms[0]))
+    cost.intercept[:] = np.array(costs_ms, dtype=float)
+    acc = np.array(acc)
+    order = list(np.argsort(-acc[:, -1]))
+    return Planner(cost, acc[:, -1], acc, order)
+
+
+def test_ensemble_without_budget_takes_the_best_members_first():
+    p = planner()
+    assert p.ensemble(1, 2, None, None).members == [2, 1]
+    assert p.ensemble(1, None, None, None).members == [2, 1, 0]
+
+
+def test_ensemble_plan_shrinks_as_the_budget_shrinks():
+    p = planner()
+    sizes = [len(p.ensemble(1, None, None, b).members) for b in (1000, 20, 6, 0.1)]
+    assert sizes == sorted(sizes, reverse=True)
+    assert sizes[0] == 3 and sizes[-1] == 1
+
+
+def test_tight_budget_runs_the_fastest_member():
+    assert planner().ensemble(1, None, None, 0.1).members == [0]
+
+
+def test_explicit_members_are_kept():
+    assert planner().ensemble(1, None, [1, 0], 0.1).members == [1, 0]
+
+
+def test_anytime_picks_the_most_accurate_exit_that_fits():
+    p = planner()
+    full = p.anytime(1, None, None, None)
+    assert full.members == [2] and full.last_exit == 2
+    fits_two = p.anytime(1, None, None, 10)        # 10 * 0.8 = 8 ms: member 2 up to exit 1, or member 1's all
+    assert fits_two.predicted_ms <= 8
+    assert p.exit_accuracy[fits_two.members[0], fits_two.last_exit] == 0.95
+    assert p.anytime(1, None, 1, None).last_exit == 1
+    assert p.anytime(1, None, None, 0.01).last_exit == 0
+
+
+def test_fits_accounts_for_time_already_spent():
+    p = planner()
+    started = time.perf_counter()
+    assert p.fits([Step(0, 0)], 1, started, 100)
+    assert not p.fits([Step(2, 0)], 1, started - 1.0, 100)   # a second already spent
+
+
+def test_observations_move_predictions_toward_measurements():
+    cost = CostModel(1, 1)
+    cost.intercept[:] = 1.0
+    for _ in range(100):
+        cost.observe(Step(0, 0), 1, 3.0)
+    assert abs(cost.predict(Step(0, 0), 1) - 3.0) < 0.05
