@@ -142,7 +142,7 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tupl
     manifest = read_manifest(directory)
     try:
         family = build_family(manifest.spec)
-    except UserError as err:
+    except (ValueError, TypeError) as err:   # UserError, or a spec whose parts do not fit together
         raise UserError(f"manifest describes a family that cannot be built: {err}") from None
     tensors = load_tensors(directory / TENSORS, manifest.sha256, device)
     expected = family.state_dict()
@@ -162,5 +162,9 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tupl
 
 def _looks_pickled(path: Path) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:1] == _PICKLE_MAGIC[0] or head == _PICKLE_MAGIC[1]
+        head = f.read(9)
+    # safetensors opens with its header length (u64, little-endian) and then the header's "{";
+    # that length's low byte is 0x80 for one file in 32, so recognise safetensors first
+    if head[8:9] == b"{":
+        return False
+    return head[:1] == _PICKLE_MAGIC[0] or head[:4] == _PICKLE_MAGIC[1]

@@ -159,8 +159,9 @@ class Family(nn.Module):
 
 def resolve_budget(budget: float, member_numel: Sequence[int]) -> int:
     """A budget <= 10 is a fraction of the largest member's shared parameters; above, a count."""
-    if not isinstance(budget, (int, float)) or math.isnan(budget) or budget <= 0:
-        raise UserError(f"budget must be > 0 (a fraction of the largest member, or a parameter count), got {budget}")
+    if not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise UserError(f"budget must be a finite number > 0 (a fraction of the largest member, "
+                        f"or a parameter count), got {budget}")
     params = int(budget * max(member_numel)) if budget <= 10 else int(budget)
     if params < 1:
         raise UserError(f"budget {budget} leaves no parameter to build a layer")
@@ -185,8 +186,8 @@ def share(models: Sequence[nn.Module], budget: float = 1.0, method: str = "super
         model = copy.deepcopy(model)
         for name, module in list(model.named_modules()):
             shared = to_shared(module)
-            if shared is None:
-                continue
+            if shared is None or isinstance(model, Member) and name.startswith("heads."):
+                continue   # exit heads stay private to their member, like norms
             if name:
                 _replace(model, name, shared)
             else:   # the model is itself a single layer

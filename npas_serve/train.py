@@ -6,8 +6,11 @@ seeded and deterministic on CPU; a checkpoint is written after every epoch and
 `resume` continues from it bit for bit (the shuffle of epoch e depends only on
 (seed, e), and the optimiser state travels in safetensors, never in a pickle).
 
-Run as a module for several processes (DistributedDataParallel over gloo/nccl):
+Run as a module for several processes (DistributedDataParallel over gloo):
     torchrun --nproc-per-node 2 -m npas_serve.train --out runs/ddp
+Each rank takes an equal slice of every global batch, batch norm normalises with
+the statistics of the whole global batch (`GlobalBatchNorm`), and rank 0 alone
+writes the checkpoint, so K processes train the model one process would.
 """
 from __future__ import annotations
 
@@ -132,7 +135,7 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
             running, count = running + loss.item(), count + 1
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / count:.3f}")
-        losses.append(running / max(count, 1))
+        losses.append(_mean_over_ranks(running / max(count, 1), world))
         if on_epoch is not None:
             on_epoch(epoch + 1, losses[-1])
     bar.close()
@@ -140,12 +143,85 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
     return losses
 
 
+def _mean_over_ranks(value: float, world: int) -> float:
+    """An epoch's loss over the global batches, not rank 0's slices (one collective per epoch)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total) / world
+
+
+# --- several processes: batch norm over the global batch ---------------------------------------------
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics are those of the global batch, summed over all ranks.
+
+    Per-rank statistics would make K processes train a different model from one process
+    on the same global batch (each half normalised by its own mean and variance).
+    `nn.SyncBatchNorm` fixes that but refuses CPU tensors (torch 2.13: GPU/XPU only),
+    so the sums travel through the differentiable `all_reduce` instead: its backward
+    all-reduces the gradient too, so every rank also backpropagates the other ranks'
+    dependence on its examples, as SyncBatchNorm does. Outside training, or in a single
+    process, it is plain batch norm; parameters, buffers and state-dict keys are BatchNorm's.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input (N, C, ...), got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        local = torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.size(1)])])
+        summed = all_reduce(local)
+        count = summed[-1].detach()
+        mean = summed[:-1] / count
+        centred = x - mean.view(shape)                 # two passes, like single-process batch norm
+        var = all_reduce(centred.pow(2).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, factor)
+                self.running_var.lerp_(var * count / (count - 1), factor)   # unbiased, as BatchNorm keeps
+        out = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every batch norm under `module` (on its parent) by a GlobalBatchNorm sharing its tensors."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            synced = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                if getattr(child, key, None) is not None:
+                    setattr(synced, key, getattr(child, key))
+            synced.train(child.training)
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child)
+    return module
+
+
 # --- the job: data + family + checkpoints ----------------------------------------------------------
 
 def prepare_data(spec: FamilySpec, data: str | None, data_seed: int | None) -> tuple[str, Dataset]:
     defaults = registry.defaults("family", spec.family)
     name = data or defaults.get("data", "mnist1d")
-    dataset = load_dataset(name, seed=data_seed).with_channels(defaults.get("input_ndim", 1))
+    # the family's class count (--num-classes, or the manifest's on resume) is the data's too
+    dataset = load_dataset(name, seed=data_seed, num_classes=spec.family_kwargs.get("num_classes"))
+    dataset = dataset.with_channels(defaults.get("input_ndim", 1))
     spec.family_kwargs.setdefault("num_classes", dataset.num_classes)
     spec.family_kwargs.setdefault("in_channels", dataset.input_shape[0])
     return name, dataset
@@ -200,7 +276,7 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
     torch.manual_seed(cfg.seed)
     model: nn.Module = family
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(family)
+        model = nn.parallel.DistributedDataParallel(sync_batchnorm(family))
     optimizer = make_optimizer(family, cfg)
     start, losses = (load_train_state(out, optimizer) if resume else (0, []))
 

@@ -1,0 +1,98 @@
+"""The command line as a user meets it: a subprocess, its exit code, stderr and what it leaves on disk."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY = "mnist1d-resnet-tiny"
+
+
+def npas(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "npas_serve.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_user_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("npas-serve: error: ")
+    for word in words:
+        assert word in lines[0]
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "run"
+
+
+def test_unknown_family(out, good_npz):
+    result = npas("train", "--family", "no-such", "--data", good_npz, "--out", out)
+    assert_user_error(result, "no-such", "mnist1d-resnet", "digits-cnn")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("budget, words", [
+    ("0", ["budget"]), ("-1", ["budget"]), ("nan", ["budget"]), ("inf", ["budget"]),
+    ("11", ["budget of 11 parameters is too small"]),
+])
+def test_bad_budget(out, good_npz, budget, words):
+    result = npas("train", "--family", TINY, "--data", good_npz, f"--budget={budget}", "--out", out)
+    assert_user_error(result, *words)
+    assert not out.exists()
+
+
+def test_missing_npz(out, tmp_path):
+    result = npas("train", "--family", TINY, "--data", tmp_path / "absent.npz", "--out", out)
+    assert_user_error(result, "absent.npz", "does not exist")
+    assert not out.exists()
+
+
+def test_malformed_npz(out, tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(np.random.default_rng(0).bytes(1000))
+    result = npas("train", "--family", TINY, "--data", junk, "--out", out)
+    assert_user_error(result, "junk.npz", "not a readable .npz")
+    assert not out.exists()
+
+
+def test_labels_out_of_range_for_num_classes(out, good_npz):
+    result = npas("train", "--family", TINY, "--data", good_npz, "--num-classes", "2", "--out", out)
+    assert_user_error(result, "labels must lie in [0, 1]")
+    assert not out.exists()
+
+
+def test_eval_of_a_directory_that_is_not_a_checkpoint(tmp_path):
+    result = npas("eval", tmp_path)
+    assert_user_error(result, "manifest.json is missing")
+
+
+def test_help_explains_the_commands():
+    script = Path(sys.executable).parent / "npas-serve"      # the installed console script
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == ""
+    assert "train" in result.stdout and "eval" in result.stdout and "bank" in result.stdout
+    result = npas("train", "--help")
+    assert result.returncode == 0
+    for flag in ("--family", "--method", "--budget", "--data", "--out", "--resume", "--num-classes"):
+        assert flag in result.stdout
+
+
+def test_a_good_npz_trains_and_leaves_a_checkpoint(out, good_npz):
+    result = npas("train", "--family", TINY, "--data", good_npz, "--epochs", "1", "--quiet", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "trained 3 members" in result.stdout
+    for name in ("manifest.json", "model.safetensors", "report.json", "ensemble.png", "anytime.png"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"] == str(good_npz) and manifest["num_classes"] == 3
+    assert manifest["report"]["num_test"] == 40
+    # a second train into the same --out is refused and leaves the checkpoint alone
+    before = (out / "model.safetensors").read_bytes()
+    again = npas("train", "--family", TINY, "--data", good_npz, "--epochs", "1", "--quiet", "--out", out)
+    assert_user_error(again, "--resume")
+    assert (out / "model.safetensors").read_bytes() == before
