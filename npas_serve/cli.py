@@ -6,10 +6,11 @@ with exit status 2, and leaves no half-written output behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from npas_serve.errors import UserError
 
@@ -62,38 +63,57 @@ def _train(args: argparse.Namespace) -> int:
     registry.lookup("family", args.family)
     registry.lookup("generator", args.method)
     registry.lookup("grouping", args.grouping)
-    epochs = args.epochs or registry.defaults("family", args.family).get("epochs", 60)
-    cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                      weight_decay=args.weight_decay, schedule=args.schedule, exit_weights=args.exit_weights,
-                      seed=args.seed)
+    if args.resume:
+        # continue the run as it was configured; only --epochs may extend it
+        from npas_serve.train import saved_config
+
+        cfg = saved_config(args.out)
+        cfg.epochs = args.epochs or cfg.epochs
+    else:
+        epochs = args.epochs or registry.defaults("family", args.family).get("epochs", 60)
+        cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                          weight_decay=args.weight_decay, schedule=args.schedule,
+                          exit_weights=args.exit_weights, seed=args.seed)
     spec = FamilySpec(family=args.family, method=args.method, budget=args.budget, grouping=args.grouping,
                       seed=args.seed)
     if args.num_classes:
         spec.family_kwargs["num_classes"] = args.num_classes
-    rank, world = _distributed()
     data = args.data
     if data and args.num_classes and not args.resume:
         from npas_serve.data import load_dataset
         load_dataset(data, args.data_seed, args.num_classes)  # validate labels against --num-classes first
-    family, manifest = run_training(spec, cfg, args.out, data=data, data_seed=args.data_seed,
-                                    resume=args.resume, progress=not args.quiet, rank=rank, world=world)
-    print(f"trained {len(family.names)} members ({', '.join(family.names)}) on {manifest.data}; "
+    with _distributed() as (rank, world):
+        family, manifest = run_training(spec, cfg, args.out, data=data, data_seed=args.data_seed,
+                                        resume=args.resume, progress=not args.quiet, rank=rank, world=world)
+    if rank != 0:              # rank 0 wrote the checkpoint; it alone reports and evaluates
+        return 0
+    print(f"trained {len(family.names)} members ({', '.join(family.names)}) on {manifest.data}"
+          f"{f' with {world} processes' if world > 1 else ''}; "
           f"bank {family.generator.bank_numel():,} params -> {args.out}")
-    if not args.no_eval and rank == 0:
+    if not args.no_eval:
         return _evaluate(args.out)
     return 0
 
 
-def _distributed() -> tuple[int, int]:
-    """Under torchrun, join the process group; otherwise a single process."""
+@contextlib.contextmanager
+def _distributed() -> Iterator[tuple[int, int]]:
+    """Under torchrun (WORLD_SIZE > 1), a gloo process group for the block; otherwise one process.
+
+    gloo because training runs on CPU tensors. The group is left only after every rank
+    got there, so rank 0 finishes its last checkpoint before the others exit.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        yield 0, 1
+        return
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return dist.get_rank(), world
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank(), world
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _add_eval(sub) -> None:

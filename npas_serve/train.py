@@ -162,7 +162,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     Per-rank statistics would make K processes train a different model from one process
     on the same global batch (each half normalised by its own mean and variance).
     `nn.SyncBatchNorm` fixes that but refuses CPU tensors (torch 2.13: GPU/XPU only),
-    so the sums travel through the differentiable `all_reduce` instead: its backward
+    so the sums travel through the differentiable functional `all_reduce` instead: its backward
     all-reduces the gradient too, so every rank also backpropagates the other ranks'
     dependence on its examples, as SyncBatchNorm does. Outside training, or in a single
     process, it is plain batch norm; parameters, buffers and state-dict keys are BatchNorm's.
@@ -177,7 +177,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
+        import torch.distributed._functional_collectives as funcol
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:     # a sum; its backward sums gradients
+            return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD))
 
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         local = torch.cat([x.sum(dims), x.new_tensor([x.numel() / x.size(1)])])
@@ -235,6 +238,14 @@ def save_train_state(directory: Path, optimizer: torch.optim.Optimizer, epoch: i
     sha = save_tensors(directory / TRAIN_STATE, tensors)
     write_json(directory / TRAIN_META, {"epoch": epoch, "config": asdict(cfg), "losses": losses,
                                         "param_groups": state["param_groups"], "sha256": sha})
+
+
+def saved_config(directory: Path) -> TrainConfig:
+    """The training settings of the run in `directory`, for --resume."""
+    path = Path(directory) / TRAIN_META
+    if not path.is_file():
+        raise UserError(f"{directory} has no {TRAIN_META} to resume from")
+    return TrainConfig(**json.loads(path.read_text())["config"])
 
 
 def load_train_state(directory: Path, optimizer: torch.optim.Optimizer) -> tuple[int, list[float]]:
