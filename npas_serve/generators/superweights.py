@@ -167,28 +167,41 @@ class SuperWeights(WeightGenerator):
 
     def generate(self, slot_ids: Sequence[int]) -> list[torch.Tensor]:
         slot_ids = tuple(slot_ids)
+        # The engine calls this per stage per request, where per-call overhead costs more than
+        # the arithmetic (benchmarks/serving.py): parameters are read from the lists' own dicts
+        # (indexing a ParameterList goes through getattr), a bank holding exactly its K templates
+        # is viewed rather than sliced, and each product is split into rows in one call.
+        coefficients, banks = self.coefficients._parameters, self.banks._parameters
         pieces: dict[tuple[int, int], torch.Tensor] = {}
         for b, rows in self._plan(slot_ids):
-            coeffs = self.coefficients[b]
-            rows = rows.to(coeffs.device)
+            coeffs, bank, size = coefficients[str(b)], banks[str(b)], self._banks[b].size
+            k = coeffs.shape[1]
+            templates = bank.view(k, size) if bank.numel() == k * size else self.templates(b)
             # one matmul per bank for all the rows this request needs
-            made = coeffs.index_select(0, rows) @ self.templates(b)
-            for i, row in enumerate(rows.tolist()):
-                pieces[b, row] = made[i]
+            made = coeffs.index_select(0, rows.to(coeffs.device)) @ templates
+            pieces.update(zip([(b, row) for row in rows.tolist()], made.unbind(0)))
         return [self._assemble(slot, pieces) for slot in slot_ids]
 
     def _assemble(self, slot: int, pieces: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
-        weight = None
+        # Slabs that grow the same axis one after another are joined by one cat (the same values
+        # as one cat each), and a piece that is a single slab is viewed without slicing.
+        weight, axis, run = None, 1, []
         for b, row in self._pieces[slot]:
             bank, flat = self._banks[b], pieces[b, row]
             if weight is None:
                 weight = flat.view(bank.in_shape)
                 continue
-            cut = math.prod(bank.in_shape)
-            if cut:
-                weight = torch.cat([weight, flat[:cut].view(bank.in_shape)], dim=1)
-            if flat.numel() > cut:
-                weight = torch.cat([weight, flat[cut:].view(bank.out_shape)], dim=0)
+            cut, numel = math.prod(bank.in_shape), flat.numel()
+            # extra input channels grow axis 1, then extra output channels grow axis 0
+            for dim, lo, hi, shape in ((1, 0, cut, bank.in_shape), (0, cut, numel, bank.out_shape)):
+                if hi == lo:
+                    continue
+                if dim != axis and run:
+                    weight, run = torch.cat([weight, *run], dim=axis), []
+                axis = dim
+                run.append((flat if hi - lo == numel else flat[lo:hi]).view(shape))
+        if run:
+            weight = torch.cat([weight, *run], dim=axis)
         out, inp = self.slots[slot].shape[:2]
         if weight.shape[0] != out or weight.shape[1] != inp:
             weight = weight[:out, :inp]   # narrower than its width on one axis: lead channels
