@@ -124,13 +124,15 @@ class Family(nn.Module):
         layers = self._layers[member][stage]
         if weights is None:
             weights = self.stage_weights(member, stage)
+        # straight into the instance dict: `weight` is a plain attribute of a shared layer, never a
+        # parameter or buffer, so nn.Module.__setattr__'s checks are pure per-stage overhead here
         for layer, w in zip(layers, weights):
-            layer.weight = w
+            layer.__dict__["weight"] = w
         try:
             yield
         finally:
             for layer in layers:
-                layer.weight = None
+                layer.__dict__["weight"] = None
 
     def iter_exits(self, x: torch.Tensor, member: int, upto: int | None = None) -> Iterator[torch.Tensor]:
         """Logits of each exit in turn; later exits reuse the earlier stages' activations."""

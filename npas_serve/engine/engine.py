@@ -117,12 +117,16 @@ class Engine:
     def answer(self, request: InferenceRequest) -> InferenceResponse:
         """The final answer only."""
         last = None
-        for last in self.answers(request):
+        for last in self.answers(request, intermediate=False):
             pass
         return last
 
-    def answers(self, request: InferenceRequest) -> Iterator[InferenceResponse]:
-        """One refined answer per finished member (ensemble) or exit (anytime), the last one final."""
+    def answers(self, request: InferenceRequest, intermediate: bool = True) -> Iterator[InferenceResponse]:
+        """One refined answer per finished member (ensemble) or exit (anytime), the last one final.
+
+        `intermediate=False` yields the final answer alone, without building the others
+        (each costs a stack, entropy and votes: per-request overhead at batch 1).
+        """
         started = time.perf_counter()
         budget = self._effective_budget(request)
         members_run: list[str] = []
@@ -131,7 +135,7 @@ class Engine:
         status = "error"
         try:
             run = self._run_anytime if request.mode == "anytime" else self._run_ensemble
-            for final in run(request, started, budget, members_run, gen):
+            for final in run(request, started, budget, members_run, gen, intermediate):
                 yield final
             status = "ok"
         except RequestError:
@@ -191,7 +195,8 @@ class Engine:
         self.cost.observe(step, h.shape[0], ms)
         return h, probs, ms
 
-    def _run_ensemble(self, request, started, budget, members_run, gen) -> Iterator[InferenceResponse]:
+    def _run_ensemble(self, request, started, budget, members_run, gen,
+                      intermediate: bool = True) -> Iterator[InferenceResponse]:
         x = self._inputs(request)
         members = None if request.members is None else [self.names.index(n) for n in request.members]
         plan = self.planner.ensemble(len(x), request.ensemble_size, members, budget)
@@ -207,11 +212,13 @@ class Engine:
             # stop before a member that would break the budget; the answer so far is final
             last = i == len(plan.members) - 1 or not self.planner.fits(
                 steps[plan.members[i + 1]], len(x), started, budget)
-            yield self._response(request, plan, done, list(members_run), None, started, budget, final=last)
+            if last or intermediate:
+                yield self._response(request, plan, done, list(members_run), None, started, budget, final=last)
             if last:
                 return
 
-    def _run_anytime(self, request, started, budget, members_run, gen) -> Iterator[InferenceResponse]:
+    def _run_anytime(self, request, started, budget, members_run, gen,
+                     intermediate: bool = True) -> Iterator[InferenceResponse]:
         x = self._inputs(request)
         member = None if request.members is None else self.names.index(request.members[0])
         plan = self.planner.anytime(len(x), member, request.exit, budget)
@@ -225,7 +232,9 @@ class Engine:
                          and bool((probs.max(dim=-1).values >= request.min_confidence).all()))
             last = (confident or i == len(plan.steps) - 1
                     or not self.planner.fits([plan.steps[i + 1]], len(x), started, budget))
-            yield self._response(request, plan, seen, list(members_run), step.stage, started, budget, final=last)
+            if last or intermediate:
+                yield self._response(request, plan, seen, list(members_run), step.stage, started, budget,
+                                     final=last)
             if last:
                 return
 
