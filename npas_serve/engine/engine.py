@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -23,11 +24,13 @@ import torch
 
 from npas_serve.checkpoint import Manifest, load_checkpoint
 from npas_serve.engine.cache import WeightCache
-from npas_serve.engine.planner import CostModel, Plan, Planner, Step
+from npas_serve.engine.planner import SAFETY, CostModel, Plan, Planner, Step
 from npas_serve.evaluate import Report
 from npas_serve.family import Family
 from npas_serve.protocol.request import InferenceRequest, RequestError, RequestLimits, parse_request
 from npas_serve.protocol.response import InferenceResponse
+
+WAIT_EMA = 0.2        # weight of a new lock wait in the expected wait
 
 
 @dataclass
@@ -51,6 +54,45 @@ class ResidentBytes:
     @property
     def total(self) -> int:
         return self.bank + self.coefficients + self.norms_heads + self.cache
+
+
+class FifoLock:
+    """A lock granted in arrival order.
+
+    Requests take the engine lock once per member (or exit), so concurrent requests
+    interleave. With a plain lock the thread that just released it usually wins it
+    back, so a request waits for whole other requests, by luck; in arrival order it
+    waits for the work queued ahead of it, which `Engine._fits` can expect.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0                    # next ticket to hand out
+        self._serving = 0                 # ticket that holds the lock
+        self._abandoned: set[int] = set() # tickets whose waiter gave up (an exception while waiting)
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            try:
+                while ticket != self._serving:
+                    self._cond.wait()
+            except BaseException:
+                self._abandoned.add(ticket)
+                self._advance(0)
+                raise
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._advance(1)
+
+    def _advance(self, step: int) -> None:
+        self._serving += step
+        while self._serving in self._abandoned:
+            self._abandoned.remove(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
 
 @dataclass
@@ -79,7 +121,8 @@ class Engine:
         self.cache = WeightCache(self.config.cache_bytes)
         self._mean = manifest.normalisation.mean
         self._std = manifest.normalisation.std
-        self._lock = threading.Lock()            # one forward at a time; torch already uses every core
+        self._lock = FifoLock()                  # one forward at a time; torch already uses every core
+        self._wait_ms = 0.0                      # expected wait for the lock (EMA): other requests' work
         self._observers: list[Callable[[Observation], None]] = []
         self.cost = CostModel(len(self.names), self.num_exits)
         self.cost.fit(self._time_member, self.config.warmup_batch_sizes)
@@ -204,13 +247,13 @@ class Engine:
         done: list[torch.Tensor] = []
         for i, m in enumerate(plan.members):
             h = x
-            with self._lock, torch.inference_mode():
+            with self._locked(), torch.inference_mode():
                 for step in steps[m]:
                     h, probs, _ = self._stage(step, h, gen)
             done.append(probs)
             members_run.append(self.names[m])
             # stop before a member that would break the budget; the answer so far is final
-            last = i == len(plan.members) - 1 or not self.planner.fits(
+            last = i == len(plan.members) - 1 or not self._fits(
                 steps[plan.members[i + 1]], len(x), started, budget)
             if last or intermediate:
                 yield self._response(request, plan, done, list(members_run), None, started, budget, final=last)
@@ -225,18 +268,37 @@ class Engine:
         members_run.append(self.names[plan.members[0]])
         h, seen = x, []
         for i, step in enumerate(plan.steps):
-            with self._lock, torch.inference_mode():
+            with self._locked(), torch.inference_mode():
                 h, probs, _ = self._stage(step, h, gen)
             seen.append(probs)
             confident = (request.min_confidence is not None
                          and bool((probs.max(dim=-1).values >= request.min_confidence).all()))
             last = (confident or i == len(plan.steps) - 1
-                    or not self.planner.fits([plan.steps[i + 1]], len(x), started, budget))
+                    or not self._fits([plan.steps[i + 1]], len(x), started, budget))
             if last or intermediate:
                 yield self._response(request, plan, seen, list(members_run), step.stage, started, budget,
                                      final=last)
             if last:
                 return
+
+    @contextmanager
+    def _locked(self):
+        """The engine lock; how long it took to get feeds the expected wait that `_fits` counts."""
+        t0 = time.perf_counter()
+        with self._lock:
+            waited = (time.perf_counter() - t0) * 1000
+            self._wait_ms = (1 - WAIT_EMA) * self._wait_ms + WAIT_EMA * waited
+            yield
+
+    def _fits(self, steps: list[Step], batch: int, started: float, budget: float | None) -> bool:
+        """`Planner.fits`, with the expected wait for the lock counted as time already spent.
+
+        Under concurrent load the next member or exit first waits for other requests'
+        stages; a check that ignored the wait would start work that ends past the budget.
+        Like the initial plan, it keeps 1 - SAFETY of the budget for prediction error.
+        """
+        return self.planner.fits(steps, batch, started - self._wait_ms / 1000,
+                                 None if budget is None else budget * SAFETY)
 
     def _response(self, request: InferenceRequest, plan: Plan, probs: list[torch.Tensor], members: list[str],
                   exit_reached: int | None, started: float, budget: float | None, final: bool) -> InferenceResponse:
