@@ -83,3 +83,7 @@ def trained_tiny(trained_tiny_run) -> Path:
 def tiny_copy(trained_tiny, tmp_path) -> Path:
     """A private copy of the trained checkpoint that a test may modify."""
     return Path(shutil.copytree(trained_tiny, tmp_path / "ckpt"))
+
+
+# Real servers (session-wide: one embedded server and one TorchServe for the whole run)
+from tests.serving_fixtures import *  # noqa: E402,F401,F403

@@ -1,7 +1,9 @@
-"""Real servers for the serving tests: the embedded server and TorchServe, on free loopback ports.
+"""Real servers for the tests: the embedded server and TorchServe, on free loopback ports.
 
-Both are started as separate processes exactly as a user starts them and
-stopped by PID; `server` is parametrized so every test runs against both.
+Both are started once per session, as separate processes exactly as a user
+starts them, and stopped by PID at the end; `server` is parametrized so a
+test runs against both. Tests that must break a server (SIGTERM, a killed
+worker) start their own or leave it serving again.
 """
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ class Server:
     metrics_url: str
     token: str | None
     pid: int
+    run_dir: Path | None = None        # TorchServe only: config, logs, key_file.json
+    ports: object | None = None        # TorchServe only: npas_serve.servers.torchserve.Ports
     num_members: int = 3
     num_exits: int = 3
 
@@ -63,7 +67,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> Non
     raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def embedded(served_checkpoint):
     grpc_port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([*CLI, "serve", str(served_checkpoint), "--grpc-port", str(grpc_port),
@@ -79,7 +83,7 @@ def embedded(served_checkpoint):
             proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def torchserve(served_checkpoint, tmp_path_factory):
     from npas_serve.archive import build_archive
     from npas_serve.servers import torchserve as ts
@@ -93,7 +97,7 @@ def torchserve(served_checkpoint, tmp_path_factory):
     pid = ts.start(root / "model_store", "npas", run_dir, ports=ports, timeout_s=240)
     try:
         yield Server("torchserve", f"127.0.0.1:{ports.grpc}", f"http://127.0.0.1:{ports.metrics}/metrics",
-                     ts.inference_token(run_dir), pid)
+                     ts.inference_token(run_dir), pid, run_dir, ports)
     finally:
         pgid = os.getpgid(pid) if ts.running_pid(run_dir) else None
         ts.stop(run_dir)

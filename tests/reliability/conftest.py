@@ -7,7 +7,6 @@ import pytest
 from npas_serve.data import load_dataset
 from npas_serve.engine import Engine, EngineConfig
 from tests.reliability.support import Figures, report_path
-from tests.serving_fixtures import *  # noqa: F401,F403
 
 
 @pytest.fixture(scope="session")
