@@ -43,11 +43,11 @@ class NpasHandler(BaseHandler):
         grpc_call = "body" not in fields           # HTTP puts the payload under `body`
         try:
             request = self.engine.parse(fields)
-            answers = self.engine.answers(request)
+            stream = request.stream and grpc_call      # one refined answer per member/exit
+            answers = self.engine.answers(request, intermediate=stream)
             final = next(answers)
             for final_next in answers:
-                if request.stream and grpc_call:   # one refined answer per member/exit
-                    _send_intermediate(idx, encode_response(final, request.payload_format), context)
+                _send_intermediate(idx, encode_response(final, request.payload_format), context)
                 final = final_next
             body = encode_response(final, request.payload_format)
         except RequestError as err:
