@@ -24,6 +24,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _method_arg(text: str) -> tuple[str, int | float | str]:
+    """KEY=VALUE; the value becomes an int, else a float, else stays a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key.strip(), parse(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train all members of a family jointly on one bank",
                        description="Train every member of a family on one shared bank, then evaluate it. "
@@ -31,7 +44,18 @@ def _add_train(sub) -> None:
                                    "after every epoch, so --resume can continue an interrupted run.")
     p.add_argument("--family", default="mnist1d-resnet", help="registered family (default: %(default)s)")
     p.add_argument("--method", default="superweights", help="weight generator (default: %(default)s)")
-    p.add_argument("--grouping", default="shape", help="which layers share banks (default: %(default)s)")
+    p.add_argument("--method-arg", type=_method_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="a generator option, repeatable, e.g. --method ssn --method-arg down=emb "
+                        "--method-arg up=mask, or --method arbnet --method-arg hash=neighborhood "
+                        "--method-arg spread=2")
+    p.add_argument("--grouping", default="shape",
+                   help="which layers share banks: shape, random, unshared, or searched by a warm-up: "
+                        "gradient (SuperWeights), kmeans (SSN) (default: %(default)s)")
+    p.add_argument("--search-epochs", type=_positive_int, default=None,
+                   help="warm-up epochs of a searched grouping (default: 10%% of --epochs, at least 2)")
+    p.add_argument("--unshare-epoch", type=int, default=None,
+                   help="split shared coefficients after this epoch (gradient grouping; default: 5%% "
+                        "of --epochs, at least 1; 0 never)")
     p.add_argument("--budget", type=float, default=None,
                    help="bank size: <= 10 is a fraction of the largest member's shared parameters, "
                         "larger is a parameter count (default: the family's, 0.5 for the built-ins)")
@@ -73,9 +97,10 @@ def _train(args: argparse.Namespace) -> int:
         epochs = args.epochs or registry.defaults("family", args.family).get("epochs", 60)
         cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                           weight_decay=args.weight_decay, schedule=args.schedule,
-                          exit_weights=args.exit_weights, seed=args.seed)
+                          exit_weights=args.exit_weights, seed=args.seed, search_epochs=args.search_epochs,
+                          unshare_epoch=args.unshare_epoch)
     spec = FamilySpec(family=args.family, method=args.method, budget=args.budget, grouping=args.grouping,
-                      seed=args.seed)
+                      seed=args.seed, method_kwargs=dict(args.method_arg))
     if args.num_classes:
         spec.family_kwargs["num_classes"] = args.num_classes
     data = args.data
@@ -146,7 +171,7 @@ def _engine_config(args: argparse.Namespace):
     from npas_serve.engine import EngineConfig
 
     return EngineConfig(device=args.device, cache_bytes=args.cache_bytes, max_batch=args.max_batch,
-                        model_name=args.name)
+                        model_name=args.name, freeze=args.freeze)
 
 
 def _add_engine_flags(p) -> None:
@@ -155,6 +180,9 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--cache-bytes", type=int, default=0,
                    help="LRU cache of generated weights, in bytes; 0 keeps only the shared parameters")
     p.add_argument("--max-batch", type=_positive_int, default=256, help="largest batch a request may carry")
+    p.add_argument("--freeze", action="store_true",
+                   help="generate every member's weights once at load and serve plain modules "
+                        "(faster; holds all generated weights instead of only the shared parameters)")
 
 
 def _add_archive(sub) -> None:

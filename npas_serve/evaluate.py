@@ -6,7 +6,7 @@ from the manifest to decide which members or exits are worth their cost.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,12 @@ class Report:
     exits: list[ExitScore]
     ensembles: list[EnsembleScore]
     params: ParamCount
+    diagnostics: dict[str, float] = field(default_factory=dict)   # the generator's own figures, if any
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if not d["diagnostics"]:
+            del d["diagnostics"]
         d["params"].update(unshared_total=self.params.unshared_total, resident=self.params.resident,
                            bank_over_unshared_per_member=self.params.bank / (self.params.unshared_total
                                                                              / len(self.params.unshared)))
@@ -80,7 +83,7 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         p = {k: v for k, v in d["params"].items() if k in ParamCount.__dataclass_fields__}
         return cls(d["data"], d["num_test"], d["member_order"], [ExitScore(**e) for e in d["exits"]],
-                   [EnsembleScore(**e) for e in d["ensembles"]], ParamCount(**p))
+                   [EnsembleScore(**e) for e in d["ensembles"]], ParamCount(**p), d.get("diagnostics", {}))
 
     def exit_score(self, member: str, exit: int) -> ExitScore:
         return next(e for e in self.exits if e.member == member and e.exit == exit)
@@ -170,7 +173,8 @@ def evaluate(family: Family, manifest: Manifest, dataset: Dataset) -> Report:
         mean = probs[chosen, last].mean(dim=0)
         ensembles.append(EnsembleScore(**asdict(scores(mean, y)), size=k, members=[names[m] for m in chosen],
                                        flops=sum(flops[m][last] for m in chosen)))
-    return Report(manifest.data, len(y), [names[m] for m in order], exits, ensembles, param_count(family))
+    return Report(manifest.data, len(y), [names[m] for m in order], exits, ensembles, param_count(family),
+                  family.generator.diagnostics())
 
 
 def write_report(report: Report, manifest: Manifest, directory: Path) -> None:
@@ -226,5 +230,7 @@ def summary_lines(report: Report) -> list[str]:
     lines.append(f"bank {p.bank:,} params (+{p.coefficients:,} coefficients, {sum(p.private.values()):,} "
                  f"norms/heads); members unshared {p.unshared_total:,} "
                  f"(÷{len(p.unshared)} = {p.unshared_total // len(p.unshared):,})")
+    if report.diagnostics:
+        lines.append("generator: " + ", ".join(f"{k} {v:.4g}" for k, v in report.diagnostics.items()))
     return lines
 

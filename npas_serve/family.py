@@ -80,9 +80,15 @@ class Family(nn.Module):
             raise UserError("no member has a Conv1d, Conv2d or Linear layer to share")
         self.budget_params = resolve_budget(budget, self.member_shared_numel())
         if groups is None:
+            if registry.defaults("grouping", grouping).get("trains"):
+                raise UserError(f"grouping {grouping!r} is searched by training: train with "
+                                f"`npas-serve train --grouping {grouping}` (run_training), or pass its groups")
             groups = registry.create("grouping", grouping, self.slots, seed=seed)
-        self.generator: WeightGenerator = registry.create(
-            "generator", method, self.slots, list(groups), self.budget_params, **(method_kwargs or {}))
+        try:
+            self.generator: WeightGenerator = registry.create(
+                "generator", method, self.slots, list(groups), self.budget_params, **(method_kwargs or {}))
+        except TypeError as err:    # an option the generator does not take (e.g. a mistyped --method-arg)
+            raise UserError(f"method {method!r} cannot take options {sorted(method_kwargs or {})}: {err}") from None
 
     def _collect(self, m: int, member: Member) -> None:
         layers: list[list[SharedLayer]] = [[] for _ in member.stages]

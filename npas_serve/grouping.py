@@ -4,7 +4,9 @@ A grouping maps every slot to a group id. Groups never mix kernel shapes: a
 bank's templates are cut to one kernel. `shape` is the starting point of the
 SuperWeights search (kernel shape and depth position); `random` keeps the
 same number of groups per kernel shape but assigns layers at random, as a
-control for the searched groupings.
+control for the searched groupings; `unshared` gives every layer its own bank
+(with a budget of the members' total size, an independent ensemble).
+Groupings that need training (`gradient`, `kmeans`) live in `npas_serve.search`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ def _shape_keys(slots: Sequence[Slot], depth_bins: int) -> list[tuple]:
     return [(len(s.shape), s.kernel, min(int(s.depth * depth_bins), depth_bins - 1)) for s in slots]
 
 
-def _renumber(keys: Sequence) -> list[int]:
+def renumber(keys: Sequence) -> list[int]:
+    """Group ids 0..G-1 in order of first appearance of each key."""
     ids: dict = {}
     return [ids.setdefault(k, len(ids)) for k in keys]
 
@@ -27,7 +30,7 @@ def _renumber(keys: Sequence) -> list[int]:
 @register_grouping("shape")
 def shape_groups(slots: Sequence[Slot], depth_bins: int = 3, seed: int = 0) -> list[int]:
     """Bins by kernel shape and depth position, across all members."""
-    return _renumber(_shape_keys(slots, depth_bins))
+    return renumber(_shape_keys(slots, depth_bins))
 
 
 @register_grouping("random")
@@ -44,4 +47,14 @@ def random_groups(slots: Sequence[Slot], depth_bins: int = 3, seed: int = 0) -> 
         rng.shuffle(order)
         for j, i in enumerate(order):
             groups[i] = (kernel, bins[j] if j < len(bins) else rng.choice(bins))
-    return _renumber(groups)
+    return renumber(groups)
+
+
+@register_grouping("unshared")
+def unshared_groups(slots: Sequence[Slot], seed: int = 0) -> list[int]:
+    """Every layer its own group: nothing is shared between layers or members."""
+    return list(range(len(slots)))
+
+
+# the searched groupings register themselves too; imported last, as they build on this module
+from npas_serve import search  # noqa: E402,F401

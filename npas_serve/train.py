@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,6 +48,8 @@ class TrainConfig:
     schedule: str = "cosine"        # cosine | step | constant, applied per step
     exit_weights: list[float] | None = None   # None: (e + 1) / E, the last exit weighs most
     seed: int = 0
+    search_epochs: int | None = None  # warm-up of a searched grouping; None: 10% of epochs, >= 2 (search.py)
+    unshare_epoch: int | None = None  # split shared coefficients after it; None: 5% of epochs, >= 1; 0: never
 
     def checks(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -58,6 +60,9 @@ class TrainConfig:
             raise UserError(f"unknown schedule {self.schedule!r}; known: cosine, step, constant")
         if not (self.lr > 0) or self.weight_decay < 0:
             raise UserError(f"need lr > 0 and weight decay >= 0, got {self.lr} and {self.weight_decay}")
+        if min(self.search_epochs or 1, 1 if self.unshare_epoch is None else self.unshare_epoch + 1) < 1:
+            raise UserError(f"need search epochs >= 1 and unshare epoch >= 0, "
+                            f"got {self.search_epochs} and {self.unshare_epoch}")
 
 
 def exit_weights(cfg: TrainConfig, num_exits: int) -> list[float]:
@@ -112,8 +117,11 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world
 def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                  y: torch.Tensor, cfg: TrainConfig, start_epoch: int = 0,
                  on_epoch: Callable[[int, float], None] | None = None, progress: bool = True,
-                 rank: int = 0, world: int = 1) -> list[float]:
-    """The loop itself. `model` is the family, or its DistributedDataParallel wrapper."""
+                 rank: int = 0, world: int = 1, end_epoch: int | None = None) -> list[float]:
+    """The loop itself, epochs `start_epoch` to `end_epoch` (default: all) of the schedule.
+
+    `model` is the family, or its DistributedDataParallel wrapper.
+    """
     from tqdm import tqdm
 
     weights = exit_weights(cfg, family.num_exits)
@@ -123,7 +131,7 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train", unit="step",
                disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
     family.train()
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs if end_epoch is None else end_epoch):
         running, count = 0.0, 0
         for i, idx in enumerate(batches(len(x), cfg.batch_size, cfg.seed, epoch, rank, world)):
             for group in optimizer.param_groups:
@@ -273,16 +281,33 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
     elif (out / MANIFEST).exists():
         raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     data, dataset = prepare_data(spec, data, data_seed)
-    if not resume:
-        family = build_family(spec)
-        manifest = Manifest(spec=spec, member_names=family.names, num_exits=family.num_exits,
-                            input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
-                            normalisation=dataset.normalisation(), budget_params=family.budget_params, data=data)
-    family.train()
-    norm = manifest.normalisation
+    norm = manifest.normalisation if resume else dataset.normalisation()
     x = torch.from_numpy(norm.apply(dataset.x_train))
     y = torch.from_numpy(dataset.y_train)
-    _check_shapes(family, x, dataset)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        if not resume:
+            if spec.groups is None and registry.defaults("grouping", spec.grouping).get("trains"):
+                # a searched grouping trains a throw-away family first (search.py); its groups are kept
+                _check_shapes(build_family(replace(spec, grouping="shape")), x, dataset)
+                spec.groups = registry.create("grouping", spec.grouping, spec, x, y, cfg)
+            family = build_family(spec)
+            manifest = Manifest(spec=spec, member_names=family.names, num_exits=family.num_exits,
+                                input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
+                                normalisation=norm, budget_params=family.budget_params, data=data)
+        family.train()
+        _check_shapes(family, x, dataset)
+        _train_from(family, manifest, cfg, out, x, y, resume, progress, rank, world)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return family, manifest
+
+
+def _train_from(family: Family, manifest: Manifest, cfg: TrainConfig, out: Path, x: torch.Tensor,
+                y: torch.Tensor, resume: bool, progress: bool, rank: int, world: int) -> None:
+    """The epochs left, pausing once to split shared coefficients (a no-op for generators sharing none)."""
+    from npas_serve.search import unshare_coefficients, unshare_epoch
 
     torch.manual_seed(cfg.seed)
     model: nn.Module = family
@@ -297,13 +322,25 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
             save_checkpoint(out, family, manifest)
             save_train_state(out, optimizer, epoch, cfg, losses)
 
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        train_epochs(family, model, optimizer, x, y, cfg, start, on_epoch, progress, rank, world)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    return family, manifest
+    split_at = unshare_epoch(cfg)
+    for end in ([split_at] if 0 < split_at < cfg.epochs and start <= split_at else []) + [cfg.epochs]:
+        train_epochs(family, model, optimizer, x, y, cfg, start, on_epoch, progress, rank, world, end)
+        start = end
+        if end == split_at:
+            # the checkpoint of this epoch is from before the split, so a resume from it splits again
+            grown = unshare_coefficients(family, manifest.spec, x, y, cfg)
+            follow_grown_parameters(optimizer, grown)
+            if grown and world > 1:
+                model = nn.parallel.DistributedDataParallel(family)   # parameters changed shape
+
+
+def follow_grown_parameters(optimizer: torch.optim.Optimizer, grown: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Per-parameter optimiser state (moments) of a parameter whose rows were copied: copy it alike."""
+    for param, rows in grown.items():
+        state = optimizer.state.get(param, {})
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() == param.dim() and value.shape != param.shape:
+                state[key] = value.index_select(0, rows.to(value.device))
 
 
 def _check_shapes(family: Family, x: torch.Tensor, dataset: Dataset) -> None:

@@ -42,6 +42,7 @@ class EngineConfig:
     warmup_batch_sizes: tuple[int, ...] = (1, 8, 32)
     model_name: str = "npas"
     model_version: str = "1"
+    freeze: bool = False                 # generate every member once at load, then run plain modules
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ class ResidentBytes:
     coefficients: int     # everything else the generator holds
     norms_heads: int      # per-member norms, heads and biases
     cache: int            # generated weights kept by the optional cache
+    frozen: int = 0       # the plain members built by `freeze` (their own weights, norms and heads)
 
     @property
     def total(self) -> int:
-        return self.bank + self.coefficients + self.norms_heads + self.cache
+        return self.bank + self.coefficients + self.norms_heads + self.cache + self.frozen
 
 
 class FifoLock:
@@ -119,6 +121,9 @@ class Engine:
         self.limits = RequestLimits(tuple(manifest.input_shape), tuple(self.names), self.num_exits,
                                     self.config.max_batch, self.config.max_payload_bytes)
         self.cache = WeightCache(self.config.cache_bytes)
+        # frozen: any generator's weights baked once into plain members (Family.freeze); no generation per request
+        self._frozen = ([family.freeze(m).eval() for m in range(len(self.names))]
+                        if self.config.freeze else None)
         self._mean = manifest.normalisation.mean
         self._std = manifest.normalisation.std
         self._lock = FifoLock()                  # one forward at a time; torch already uses every core
@@ -204,7 +209,8 @@ class Engine:
             gen_bytes = coeffs
             bank = self.family.generator.bank_numel() * 4
             coeffs = gen_bytes - bank
-        return ResidentBytes(bank, coeffs, private, self.cache.bytes)
+        frozen = sum(t.numel() * t.element_size() for m in self._frozen or [] for t in m.state_dict().values())
+        return ResidentBytes(bank, coeffs, private, self.cache.bytes, frozen)
 
     # --- running ----------------------------------------------------------------------------
     def _effective_budget(self, request: InferenceRequest) -> float | None:
@@ -221,15 +227,20 @@ class Engine:
     def _stage(self, step: Step, h: torch.Tensor, gen: list[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Generate a stage's weights, run the stage and its exit head; returns (h, probs, ms)."""
         t0 = time.perf_counter()
-        member = self.family.members[step.member]
-        if self.cache.max_bytes:
-            weights = self.cache.get((step.member, step.stage),
-                                     lambda: self.family.stage_weights(step.member, step.stage))
-        else:
-            weights = self.family.stage_weights(step.member, step.stage)
-        t1 = time.perf_counter()
-        with self.family.bound(step.member, step.stage, weights):
+        if self._frozen is not None:          # weights baked in at load: nothing to generate
+            member = self._frozen[step.member]
+            t1 = t0
             h = member.stages[step.stage](h)
+        else:
+            member = self.family.members[step.member]
+            if self.cache.max_bytes:
+                weights = self.cache.get((step.member, step.stage),
+                                         lambda: self.family.stage_weights(step.member, step.stage))
+            else:
+                weights = self.family.stage_weights(step.member, step.stage)
+            t1 = time.perf_counter()
+            with self.family.bound(step.member, step.stage, weights):
+                h = member.stages[step.stage](h)
         probs = member.heads[step.stage](h).softmax(dim=-1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -27,11 +27,25 @@ def cnn2d(widths: Sequence[int], depths: Sequence[int], num_classes: int = 10,
     return Member(stages, heads)
 
 
+def _build(configs: dict[str, tuple[Sequence[int], Sequence[int]]], num_classes: int,
+           in_channels: int) -> BuiltMembers:
+    return BuiltMembers(list(configs), [cnn2d(w, d, num_classes, in_channels) for w, d in configs.values()])
+
+
 @register_family("digits-cnn", data="digits", budget=0.5, epochs=40, input_ndim=2)
 def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> BuiltMembers:
-    configs = {
+    return _build({
         "deep-wide": ((32, 64, 128), (2, 2, 2)),
         "shallow-wide": ((32, 64, 128), (1, 1, 1)),
         "shallow-narrow": ((16, 32, 64), (1, 1, 1)),
-    }
-    return BuiltMembers(list(configs), [cnn2d(w, d, num_classes, in_channels) for w, d in configs.values()])
+    }, num_classes, in_channels)
+
+
+@register_family("digits-cnn-tiny", data="digits", budget=0.5, epochs=15, input_ndim=2)
+def digits_cnn_tiny(num_classes: int = 10, in_channels: int = 1) -> BuiltMembers:
+    """digits-cnn at half width: trains in seconds, for tests and benchmarks."""
+    return _build({
+        "deep-wide": ((16, 32, 64), (2, 2, 2)),
+        "shallow-wide": ((16, 32, 64), (1, 1, 1)),
+        "shallow-narrow": ((8, 16, 32), (1, 1, 1)),
+    }, num_classes, in_channels)

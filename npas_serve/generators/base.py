@@ -35,6 +35,10 @@ class Slot:
     def kernel(self) -> tuple[int, ...]:
         return self.shape[2:]
 
+    @property
+    def fan_in(self) -> int:
+        return math.prod(self.shape[1:])
+
 
 class WeightGenerator(nn.Module):
     """Shared parameters in, generated layer weights out.
@@ -64,3 +68,7 @@ class WeightGenerator(nn.Module):
     def no_decay_parameters(self) -> list[nn.Parameter]:
         """Parameters trained without weight decay (mixing coefficients)."""
         return []
+
+    def diagnostics(self) -> dict[str, float]:
+        """Method-specific figures worth reporting (e.g. hash bucket balance); empty by default."""
+        return {}

@@ -14,6 +14,13 @@ per-layer coefficient row (no softmax, no normalisation). See METHODS.md §1.
 Choice made here (not in the paper): when the budget cannot give a bank even
 one template, the bank's ``P < s`` parameters are tiled to length ``s`` (SSN's
 `repeat` upsampling), so low budgets still build every layer.
+
+Coefficient sharing (for the gradient grouping search, METHODS.md §1 steps 1
+and 5): ``coefficient_ids`` gives each slot a class; slots of one class use one
+coefficient row in every bank they both draw on, so they generate the same
+(cropped) weight. `split_coefficients` refines the classes during training.
+The ids are a constructor option, so they travel in the manifest's
+``method_kwargs`` and a checkpoint rebuilds with the right coefficient shapes.
 """
 from __future__ import annotations
 
@@ -95,52 +102,77 @@ def split_budget(sizes: Sequence[int], users: Sequence[int], budget: int,
 @register_generator("superweights")
 class SuperWeights(WeightGenerator):
     def __init__(self, slots: Sequence[Slot], groups: Sequence[int], budget: int,
-                 max_templates: int = 8):
+                 max_templates: int = 8, coefficient_ids: Sequence[int] | None = None):
         super().__init__(slots, groups, budget)
         self.max_templates = max_templates
-        self._banks, self._width = self._layout()
+        if coefficient_ids is not None and len(coefficient_ids) != len(self.slots):
+            raise ValueError(f"{len(coefficient_ids)} coefficient ids for {len(self.slots)} slots")
+        # None: every slot its own coefficient rows (the plain method)
+        self.coefficient_ids = None if coefficient_ids is None else [int(c) for c in coefficient_ids]
+        self._banks, self._width = bank_layout(self.slots, self.groups)
         sizes = [b.size for b in self._banks]
         alloc = split_budget(sizes, [len(b.users) for b in self._banks], self.budget, max_templates)
         self.banks = nn.ParameterList()
         self.coefficients = nn.ParameterList()
-        for bank, numel in zip(self._banks, alloc):
+        rows = self._rows()
+        for b, (bank, numel) in enumerate(zip(self._banks, alloc)):
             k = min(max(1, numel // bank.size), max_templates)
             self.banks.append(nn.Parameter(_kaiming(numel, bank.fan_in)))
-            self.coefficients.append(nn.Parameter(_orthogonal_rows(len(bank.users), k)))
+            self.coefficients.append(nn.Parameter(_orthogonal_rows(1 + max(rows[b].values()), k)))
+        self._index_pieces(rows)
+
+    def _rows(self) -> list[dict[int, int]]:
+        """Per bank, slot -> its coefficient row; slots of one coefficient class share a row."""
+        ids = self.coefficient_ids or range(len(self.slots))
+        out = []
+        for bank in self._banks:
+            first: dict[int, int] = {}
+            out.append({slot: first.setdefault(ids[slot], len(first)) for slot in bank.users})
+        return out
+
+    def _index_pieces(self, rows: list[dict[int, int]]) -> None:
         # slot -> [(bank index, row in that bank's coefficients)] for widths 0..w
         self._pieces: list[list[tuple[int, int]]] = [[] for _ in self.slots]
         for b, bank in enumerate(self._banks):
-            for row, slot in enumerate(bank.users):
-                self._pieces[slot].append((b, row))
+            for slot in bank.users:
+                self._pieces[slot].append((b, rows[b][slot]))
         self._plans: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
 
-    def _layout(self) -> tuple[list[_Bank], list[int]]:
-        banks: list[_Bank] = []
-        width = [0] * len(self.slots)
-        for g in sorted(set(self.groups)):
-            ids = [i for i, gi in enumerate(self.groups) if gi == g]
-            kernels = {self.slots[i].kernel for i in ids}
-            if len(kernels) > 1:
-                raise ValueError(f"group {g} mixes kernel shapes {sorted(kernels)}")
-            chain = width_chain([self.slots[i].shape for i in ids])
-            for i in ids:
-                s = self.slots[i].shape
-                width[i] = next(w for w, c in enumerate(chain) if c[0] >= s[0] and c[1] >= s[1])
-            kernel = chain[0][2:]
-            fan_in = chain[-1][1] * math.prod(kernel)
-            for w, c in enumerate(chain):
-                if w == 0:
-                    in_shape, out_shape = c, (0,)
-                else:
-                    p = chain[w - 1]
-                    in_shape = (p[0], c[1] - p[1], *kernel)
-                    out_shape = (c[0] - p[0], c[1], *kernel)
-                users = tuple(i for i in ids if width[i] >= w)
-                banks.append(_Bank(g, w, in_shape, out_shape, users, fan_in))
-        return banks, width
+    def split_coefficients(self, coefficient_ids: Sequence[int]) -> dict[nn.Parameter, torch.Tensor]:
+        """Refine the coefficient classes; every new row starts as a copy of the row it splits from.
+
+        Returns, for each coefficient parameter that grew, the old row each new row
+        copies, so an optimiser's per-row state can follow (`index_select(0, rows)`).
+        """
+        new_ids = [int(c) for c in coefficient_ids]
+        old_ids = self.coefficient_ids or list(range(len(self.slots)))
+        if len(new_ids) != len(self.slots):
+            raise ValueError(f"{len(new_ids)} coefficient ids for {len(self.slots)} slots")
+        merged = {}
+        for new, old in zip(new_ids, old_ids):
+            if merged.setdefault(new, old) != old:
+                raise ValueError("split_coefficients can only split classes, not merge them")
+        old_rows = self._rows()
+        self.coefficient_ids = new_ids
+        new_rows = self._rows()
+        grown: dict[nn.Parameter, torch.Tensor] = {}
+        for b, coeffs in enumerate(self.coefficients):
+            source = torch.zeros(1 + max(new_rows[b].values()), dtype=torch.long)
+            for slot, row in new_rows[b].items():
+                source[row] = old_rows[b][slot]
+            if len(source) != coeffs.shape[0]:
+                coeffs.data = coeffs.data.index_select(0, source.to(coeffs.device))
+                coeffs.grad = None      # a gradient of the old shape would not fit the next backward
+                grown[coeffs] = source
+        self._index_pieces(new_rows)
+        return grown
 
     def bank_numel(self) -> int:
         return sum(p.numel() for p in self.banks)
+
+    def pieces(self, slot: int) -> list[tuple[int, int]]:
+        """(bank, coefficient row) of each width `slot` spans, narrowest first."""
+        return list(self._pieces[slot])
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
         return list(self.coefficients)
@@ -206,6 +238,34 @@ class SuperWeights(WeightGenerator):
         if weight.shape[0] != out or weight.shape[1] != inp:
             weight = weight[:out, :inp]   # narrower than its width on one axis: lead channels
         return weight
+
+
+def bank_layout(slots: Sequence[Slot], groups: Sequence[int]) -> tuple[list[_Bank], list[int]]:
+    """The (group, width) banks of a grouping and each slot's width; one template each is
+    ``sum(bank.size)``, the least budget at which no bank has to tile."""
+    banks: list[_Bank] = []
+    width = [0] * len(slots)
+    for g in sorted(set(groups)):
+        ids = [i for i, gi in enumerate(groups) if gi == g]
+        kernels = {slots[i].kernel for i in ids}
+        if len(kernels) > 1:
+            raise ValueError(f"group {g} mixes kernel shapes {sorted(kernels)}")
+        chain = width_chain([slots[i].shape for i in ids])
+        for i in ids:
+            s = slots[i].shape
+            width[i] = next(w for w, c in enumerate(chain) if c[0] >= s[0] and c[1] >= s[1])
+        kernel = chain[0][2:]
+        fan_in = chain[-1][1] * math.prod(kernel)
+        for w, c in enumerate(chain):
+            if w == 0:
+                in_shape, out_shape = c, (0,)
+            else:
+                p = chain[w - 1]
+                in_shape = (p[0], c[1] - p[1], *kernel)
+                out_shape = (c[0] - p[0], c[1], *kernel)
+            users = tuple(i for i in ids if width[i] >= w)
+            banks.append(_Bank(g, w, in_shape, out_shape, users, fan_in))
+    return banks, width
 
 
 def _kaiming(numel: int, fan_in: int) -> torch.Tensor:
