@@ -234,10 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/methods.jsonl")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: rewrite methods.json/.md/.png from the runs in OUT/methods.jsonl")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "methods.jsonl"
+    if args.report:
+        results = [json.loads(line) for line in log.read_text().splitlines()]
+        write_outputs(results, args.out, {"command": "python benchmarks/methods.py " + " ".join(argv or sys.argv[1:]),
+                                          "epochs": EPOCHS, "search_epochs": SEARCH_EPOCHS, "runs": len(results),
+                                          "spread_small": SPREAD_SMALL, "spread_large": SPREAD_LARGE})
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             data = quick_data(Path(tmp))
@@ -266,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_one(job))
                 _log(log, results[-1], len(results), len(jobs), started)
         meta = {"command": " ".join(["python", "benchmarks/methods.py", *(argv or sys.argv[1:])]),
-                "epochs": epochs, "budgets": list(budgets), "seeds": list(seeds), "jobs": args.jobs,
+                "epochs": epochs, "search_epochs": search, "budgets": list(budgets), "seeds": list(seeds), "jobs": args.jobs,
                 "families": DATASETS, "wall_s_this_invocation": round(time.time() - started, 1),
                 "spread_small": SPREAD_SMALL, "spread_large": SPREAD_LARGE}
         write_outputs(results, args.out, meta)

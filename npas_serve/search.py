@@ -9,7 +9,9 @@
 3. Within a bin, the largest member's layers are compared pairwise by the cosine
    of their gradients cropped to the common leading channels, and pairs above
    a threshold (start 0.1) are merged greedily, most similar first. Every other
-   member's layer joins the group of its most similar largest-member layer.
+   member's layer joins the group of its most similar largest-member layer
+   among those at least as wide on both axes (so it takes leading channels and
+   does not widen the group: our choice; without such a layer, among all).
    While one template per (group, width) needs more than the budget, the
    threshold drops by 0.05 and the merge is redone (at worst: the bins).
 4. The warm-up weights are discarded; training starts from scratch with these
@@ -159,7 +161,9 @@ def merge_by_gradient(slots: Sequence[Slot], bins: Sequence[int], grads: Sequenc
         pairs[b] = sorted(((cropped_cosine(grads[i], grads[j]), i, j) for n, i in enumerate(lead)
                            for j in lead[n + 1:]), reverse=True)
         for i in (i for i in range(len(slots)) if bins[i] == b and slots[i].member != largest):
-            for j in lead:
+            shape = slots[i].shape
+            wider = [j for j in lead if slots[j].shape[0] >= shape[0] and slots[j].shape[1] >= shape[1]]
+            for j in wider or lead:
                 cos[i, j] = cropped_cosine(grads[i], grads[j])
     threshold = start
     while True:

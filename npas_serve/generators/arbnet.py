@@ -3,10 +3,13 @@
 The family's shared weights, all members and layers in slot order, are
 numbered ``i = 0 .. n-1`` (each layer's weight flattened in row-major order).
 A hash ``h`` maps every index to one of the ``m = budget`` table entries and
-weight ``i`` is ``table[h(i)]`` times its layer's fixed Kaiming factor
-``sqrt(2 / fan_in)`` (the table is N(0, 1); one table feeds layers of
-different fan-in). Colliding indices share: a table entry's gradient is the
-sum of its weights' gradients. Groups are accepted but unused: there is one table.
+weight ``i`` is ``table[h(i)]`` times its layer's fixed factor
+``sqrt(fan_max / fan_in)``. The table is ``N(0, 2 / fan_max)`` (fan_max: the
+largest fan-in of any layer), so every layer starts at its Kaiming scale while
+the table sits at a SuperWeights bank's scale, which keeps Adam's steps
+(relative to the parameter scale) comparable across methods. Colliding indices
+share: a table entry's gradient is the sum of its weights' gradients. Groups
+are accepted but unused: there is one table.
 
 Hashes (drawn once at construction from torch's global RNG, which
 `build_family` seeds, then kept in a persistent buffer, so a checkpoint
@@ -75,14 +78,15 @@ class ArbNet(WeightGenerator):
         self.hash, self.alpha, self.spread = hash, float(alpha), float(spread)
         m = self.budget
         n = sum(s.numel for s in self.slots)
-        self.banks = nn.ParameterList([nn.Parameter(torch.randn(m))])
+        fan_max = max(s.fan_in for s in self.slots)
+        self.banks = nn.ParameterList([nn.Parameter(torch.randn(m) * math.sqrt(2.0 / fan_max))])
         index = dirichlet_hash(n, m, alpha) if hash == "dirichlet" else neighborhood_hash(n, m, spread)
         dtype = torch.int32 if m < 2**31 else torch.int64
         self.register_buffer("index", index.to(dtype), persistent=True)
         self._offsets = [0]
         for s in self.slots:
             self._offsets.append(self._offsets[-1] + s.numel)
-        self._scale = [math.sqrt(2.0 / s.fan_in) for s in self.slots]
+        self._scale = [math.sqrt(fan_max / s.fan_in) for s in self.slots]
         self._plans: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     def bank_numel(self) -> int:

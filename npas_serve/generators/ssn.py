@@ -23,9 +23,12 @@ coefficient unless the mapping is ``avg``):
 
 Unlike SuperWeights a bank is flat, so a group may mix kernel shapes. The
 budget is split over groups in proportion to the summed sizes of their layers,
-as the reference code does. Choice made here: the bank is N(0, 1) and every
-generated weight is multiplied by its layer's fixed Kaiming factor
-``sqrt(2 / fan_in)``, because one bank feeds layers of different fan-in. With a
+as the reference code does. Choice made here: one bank feeds layers of
+different fan-in, so it is drawn at the Kaiming scale of the group's largest
+fan-in, ``N(0, 2 / fan_max)``, and each layer's weight is multiplied by the
+fixed factor ``sqrt(fan_max / fan_in)``: every layer starts at its own Kaiming
+scale, and the bank's scale matches a SuperWeights bank, so Adam's steps
+(relative to the parameter scale) are as large as there. With a
 budget above the network's size (`high budget`), layers combine up to
 ``max_templates`` templates while training; `Family.freeze` bakes the result
 into plain layers for inference at no extra cost.
@@ -83,14 +86,16 @@ class SSN(WeightGenerator):
         ids = sorted(set(self.groups))
         self._bank_of = [ids.index(g) for g in self.groups]
         sizes = [sum(s.numel for s, b in zip(self.slots, self._bank_of) if b == i) for i in range(len(ids))]
-        self.banks = nn.ParameterList(nn.Parameter(torch.randn(n)) for n in split_groups(sizes, self.budget))
+        fan_max = [max(s.fan_in for s, b in zip(self.slots, self._bank_of) if b == i) for i in range(len(ids))]
+        self.banks = nn.ParameterList(nn.Parameter(torch.randn(n) * math.sqrt(2.0 / f))
+                                      for n, f in zip(split_groups(sizes, self.budget), fan_max))
         self._k = []           # templates per slot; 0 marks an upsampled slot
         for s, b in zip(self.slots, self._bank_of):
             p = self.banks[b].numel()
             self._k.append(min(max(1, p // s.numel), max_templates) if s.numel <= p else 0)
         self._block = [inter_block(s.shape, self.banks[b].numel()) if k == 0 and up == "inter" else None
                        for s, b, k in zip(self.slots, self._bank_of, self._k)]
-        self._scale = [math.sqrt(2.0 / s.fan_in) for s in self.slots]
+        self._scale = [math.sqrt(fan_max[b] / s.fan_in) for s, b in zip(self.slots, self._bank_of)]
         self.coefficients = nn.ParameterList()
         self.embeddings = nn.ParameterList()
         self.projections = nn.ParameterList()

@@ -57,7 +57,7 @@ def test_inter_interpolates_a_block_of_the_bank():
     slots = [Slot(0, 0, "a", (8, 4, 3), 0.0)]
     gen = SSN(slots, [0], 40, down="avg", up="inter")
     rows, cols = gen._block[0]
-    w = gen.generate([0])[0] / math.sqrt(2 / 12)
+    w = gen.generate([0])[0]
     block = gen.banks[0][: rows * cols].view(1, 1, rows, cols)
     expected = torch.nn.functional.interpolate(block, size=(8, 12), mode="bilinear", align_corners=False)
     torch.testing.assert_close(w.reshape(8, 12), expected.reshape(8, 12))
@@ -66,12 +66,12 @@ def test_inter_interpolates_a_block_of_the_bank():
 def test_repeat_tiles_and_mask_scales_each_copy():
     slots = [Slot(0, 0, "a", (4, 4, 3), 0.0)]
     rep = SSN(slots, [0], 20, down="avg", up="repeat")
-    flat = rep.generate([0])[0].flatten() / math.sqrt(2 / 12)
+    flat = rep.generate([0])[0].flatten()
     torch.testing.assert_close(flat, rep.banks[0].detach().repeat(3)[:48])
     mask = SSN(slots, [0], 20, down="avg", up="mask", mask_window=4)
     with torch.no_grad():
         mask.masks["0"][1] = 2.0
-    flat = mask.generate([0])[0].flatten() / math.sqrt(2 / 12)
+    flat = mask.generate([0])[0].flatten()
     bank = mask.banks[0].detach()
     torch.testing.assert_close(flat[:20], bank)
     torch.testing.assert_close(flat[20:40], 2 * bank)
@@ -83,7 +83,7 @@ def test_wavg_downsampling_is_a_weighted_sum_of_consecutive_windows():
     k = gen._k[0]
     assert k == 50 // 12 == 4
     templates = gen.banks[0][: k * 12].view(k, 12)
-    expected = (gen.coefficients[0] @ templates) * math.sqrt(2 / 6)
+    expected = (gen.coefficients[0] @ templates)
     torch.testing.assert_close(gen.generate([0])[0].flatten(), expected)
 
 
@@ -101,3 +101,15 @@ def test_bad_options_are_user_errors():
         family(0.5, down="median")
     with pytest.raises(UserError, match="cannot take options"):
         family(0.5, templates=3)
+
+
+@pytest.mark.parametrize("method,kwargs", [("ssn", {"down": "wavg"}), ("arbnet", {"hash": "neighborhood"})])
+def test_layers_start_at_their_kaiming_scale_and_banks_at_a_superweights_scale(method, kwargs):
+    fam = build_family(FamilySpec(**TINY, method=method, budget=2.0, method_kwargs=kwargs))
+    fan_max = max(s.fan_in for s in fam.slots)
+    for s, w in zip(fam.slots, fam.generator.generate(range(len(fam.slots)))):
+        if s.numel >= 2000:
+            assert w.std().item() == pytest.approx(math.sqrt(2 / s.fan_in), rel=0.2), s
+    # the bank's scale sets how far one Adam step moves a weight: as large as SuperWeights' own
+    biggest = max(fam.generator.banks, key=lambda b: b.numel())
+    assert biggest.std().item() == pytest.approx(math.sqrt(2 / fan_max), rel=0.2)
