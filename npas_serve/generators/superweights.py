@@ -193,7 +193,10 @@ class SuperWeights(WeightGenerator):
             for slot in slot_ids:
                 for b, row in self._pieces[slot]:
                     rows.setdefault(b, []).append(row)
-            plan = [(b, torch.tensor(sorted(set(r)))) for b, r in sorted(rows.items())]
+            # a normal tensor even when first asked for under inference_mode (serving), or a
+            # later training step in the same process could not save it for backward
+            with torch.inference_mode(False):
+                plan = [(b, torch.tensor(sorted(set(r)))) for b, r in sorted(rows.items())]
             self._plans[slot_ids] = plan
         return plan
 

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from npas_serve.errors import UserError
 from npas_serve.generators.base import Slot
+from npas_serve.family import FamilySpec, build_family
 from npas_serve.generators.superweights import SuperWeights, split_budget, width_chain
 
 
@@ -176,3 +177,14 @@ def test_initial_pieces_have_kaiming_scale():
     w = gen.generate([0])[0]
     expected = math.sqrt(2.0 / (64 * 3))
     assert 0.8 * expected < w.std().item() < 1.2 * expected
+
+
+def test_training_after_serving_in_the_same_process():
+    """Plans cached under inference_mode (a server's first request) must not break a later backward."""
+    family = build_family(FamilySpec(family="mnist1d-resnet-tiny"))
+    x = torch.randn(4, 1, 40)
+    with torch.inference_mode():
+        family(x)
+    loss = sum(logits.sum() for exits in family(x) for logits in exits)
+    loss.backward()
+    assert all(p.grad is not None for p in family.generator.banks)
