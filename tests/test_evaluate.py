@@ -59,8 +59,8 @@ def test_default_family_bank_is_smaller_than_one_member_on_average():
     family = build_family(FamilySpec(family="mnist1d-resnet", family_kwargs={"num_classes": 10, "in_channels": 1}))
     p = param_count(family)
     shared = family.member_shared_numel()
-    assert len(p.unshared) == 4
-    assert p.bank == family.generator.bank_numel() <= p.budget == int(0.5 * max(shared))
+    assert len(p.unshared) >= 3
+    assert p.bank == family.generator.bank_numel() <= p.budget == int(0.85 * max(shared))
     assert p.bank <= p.unshared_total / len(p.unshared)
     assert p.bank <= max(shared)               # the largest member's unshared conv parameters
     assert p.unshared_total == sum(shared) + sum(p.private.values())

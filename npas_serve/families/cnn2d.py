@@ -32,7 +32,7 @@ def _build(configs: dict[str, tuple[Sequence[int], Sequence[int]]], num_classes:
     return BuiltMembers(list(configs), [cnn2d(w, d, num_classes, in_channels) for w, d in configs.values()])
 
 
-@register_family("digits-cnn", data="digits", budget=0.5, epochs=40, input_ndim=2)
+@register_family("digits-cnn", data="digits", budget=0.45, epochs=40, input_ndim=2)
 def digits_cnn(num_classes: int = 10, in_channels: int = 1) -> BuiltMembers:
     return _build({
         "deep-wide": ((32, 64, 128), (2, 2, 2)),
