@@ -128,8 +128,10 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
     steps_per_epoch = len(batches(len(x), cfg.batch_size, cfg.seed, 0, rank, world))
     total = cfg.epochs * steps_per_epoch
     losses = []
+    # a live bar on a terminal; in a log (CI, a pipe) one line per tenth of the run instead
+    show = progress and rank == 0
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train", unit="step",
-               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+               disable=not (show and sys.stderr.isatty()), file=sys.stderr, dynamic_ncols=True)
     family.train()
     for epoch in range(start_epoch, cfg.epochs if end_epoch is None else end_epoch):
         running, count = 0.0, 0
@@ -144,6 +146,8 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / count:.3f}")
         losses.append(_mean_over_ranks(running / max(count, 1), world))
+        if show and bar.disable and (epoch + 1) % max(1, cfg.epochs // 10) == 0:
+            print(f"train: epoch {epoch + 1}/{cfg.epochs}, loss {losses[-1]:.3f}", file=sys.stderr, flush=True)
         if on_epoch is not None:
             on_epoch(epoch + 1, losses[-1])
     bar.close()
