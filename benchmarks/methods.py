@@ -156,15 +156,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = []
     for dataset in sorted({r["dataset"] for r in rows}):
         lines += [f"### {dataset} ({DATASETS[dataset]})", "",
-                  "| budget | method | bank params | member acc % | member NLL | ensemble acc % | ensemble NLL "
-                  "| seeds | extra |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| budget | method | bank params | all params | member acc % | member NLL | ensemble acc % "
+                  "| ensemble NLL | seeds | extra |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in (r for r in rows if r["dataset"] == dataset):
             budget = "all members" if r["budget"] is None else f"{100 * r['budget']:g}%"
             d = r.get("diagnostics", {})
             extra = (f"load entropy {d['bucket_balance']:.3f} of max" if "bucket_balance" in d
                      else f"{r['groups']:.1f} groups" if r["method"].startswith(("sw", "ssn")) else "")
             lines.append(
-                f"| {budget} | {r['method']} | {r['bank']:,} | {100 * r['member_acc']:.1f} ± "
+                f"| {budget} | {r['method']} | {r['bank']:,} | {r['resident']:,} | {100 * r['member_acc']:.1f} ± "
                 f"{100 * r['member_acc_std']:.1f} | {r['member_nll']:.3f} ± {r['member_nll_std']:.3f} | "
                 f"{100 * r['ensemble_acc']:.1f} ± {100 * r['ensemble_acc_std']:.1f} | "
                 f"{r['ensemble_nll']:.3f} ± {r['ensemble_nll_std']:.3f} | {r['seeds']} | {extra} |")
