@@ -14,8 +14,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -67,10 +69,11 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> Non
     raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def embedded(served_checkpoint):
+@contextmanager
+def running_embedded(checkpoint: Path) -> Iterator[Server]:
+    """`npas-serve serve CHECKPOINT` on free ports; SIGTERM (a graceful drain) at the end."""
     grpc_port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([*CLI, "serve", str(served_checkpoint), "--grpc-port", str(grpc_port),
+    proc = subprocess.Popen([*CLI, "serve", str(checkpoint), "--grpc-port", str(grpc_port),
                              "--metrics-port", str(metrics_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -83,15 +86,15 @@ def embedded(served_checkpoint):
             proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="session")
-def torchserve(served_checkpoint, tmp_path_factory):
+@contextmanager
+def running_torchserve(checkpoint: Path, root: Path) -> Iterator[Server]:
+    """A fresh .mar of CHECKPOINT under real TorchServe (token auth on); no process may outlive it."""
     from npas_serve.archive import build_archive
     from npas_serve.servers import torchserve as ts
 
     if shutil.which("java") is None:
         pytest.skip("java is not installed; scripts/setup.sh installs it")
-    root = tmp_path_factory.mktemp("torchserve")
-    build_archive(served_checkpoint, "npas", root / "model_store")      # a fresh .mar every session
+    build_archive(checkpoint, "npas", root / "model_store")
     ports = ts.Ports(*(free_port() for _ in range(5)))
     run_dir = root / "run"
     pid = ts.start(root / "model_store", "npas", run_dir, ports=ports, timeout_s=240)
@@ -104,6 +107,18 @@ def torchserve(served_checkpoint, tmp_path_factory):
         if pgid is not None:
             leftover = [p for p in ts._pids() if ts._pgid_of(p) == pgid and not ts._zombie(p)]
             assert not leftover, f"TorchServe left processes behind: {leftover}"
+
+
+@pytest.fixture(scope="session")
+def embedded(served_checkpoint):
+    with running_embedded(served_checkpoint) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def torchserve(served_checkpoint, tmp_path_factory):
+    with running_torchserve(served_checkpoint, tmp_path_factory.mktemp("torchserve")) as server:
+        yield server
 
 
 @pytest.fixture(params=["embedded", "torchserve"])

@@ -25,7 +25,7 @@ from npas_serve.checkpoint import MANIFEST, TENSORS, sha256_file
 from npas_serve.client import Client
 from tests.reliability.support import (expected_answer, group_pids, is_loopback, listening_sockets, matches,
                                        raw_predict, torchserve_run)
-from tests.serving_fixtures import CLI
+from tests.serving_fixtures import CLI, running_embedded, running_torchserve
 
 PY_TRAPS = ("npas_handler.py", "handler.py", "model.py", "__init__.py", "setup.py", "sitecustomize.py",
             "yaml.py", "npas_serve/__init__.py")
@@ -48,8 +48,8 @@ def markers(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served_checkpoint(served_checkpoint, markers, tmp_path_factory) -> Path:
-    """The shared checkpoint plus files that must never run; both servers serve this copy."""
+def trapped_checkpoint(served_checkpoint, markers, tmp_path_factory) -> Path:
+    """The shared checkpoint plus files that must never run; this module's servers serve this copy."""
     trapped = Path(shutil.copytree(served_checkpoint, tmp_path_factory.mktemp("trapped") / "ckpt"))
     for name in PY_TRAPS:
         (trapped / name).parent.mkdir(exist_ok=True)
@@ -58,6 +58,18 @@ def served_checkpoint(served_checkpoint, markers, tmp_path_factory) -> Path:
         (trapped / name).write_bytes(pickle.dumps(Trap(markers / name)))
     (trapped / "requirements.txt").write_text("npas-trap-package-that-does-not-exist==0.0.1\n")
     return trapped
+
+
+@pytest.fixture(scope="module")
+def embedded(trapped_checkpoint):
+    with running_embedded(trapped_checkpoint) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def torchserve(trapped_checkpoint, tmp_path_factory):
+    with running_torchserve(trapped_checkpoint, tmp_path_factory.mktemp("torchserve")) as server:
+        yield server
 
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -79,8 +91,8 @@ def test_the_archive_torchserve_runs_holds_only_our_handler_and_the_checked_file
     assert not list(markers.iterdir())
 
 
-def test_the_archive_cli_packs_no_checkpoint_code(served_checkpoint, markers, tmp_path):
-    done = cli("archive", str(served_checkpoint), "--model-store", str(tmp_path))
+def test_the_archive_cli_packs_no_checkpoint_code(trapped_checkpoint, markers, tmp_path):
+    done = cli("archive", str(trapped_checkpoint), "--model-store", str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert_only_our_files(tmp_path / "npas.mar")
     assert not list(markers.iterdir())
