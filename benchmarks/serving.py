@@ -14,8 +14,9 @@ Four sections, all in one run, written to one JSON file:
 3. `throughput`: requests/s and examples/s over gRPC, with a few client threads,
    for the embedded server and for TorchServe, each started as its own process on
    free loopback ports (TorchServe with token auth on).
-4. `budget`: the share of requests with a `latency_budget_ms` that finished
-   within it (`budget_met`), under the same bounded concurrent load.
+4. `budget`: the share of requests with a `latency_budget_ms` (and the matching
+   `deadline_unix_ms`, so queueing counts) that finished within it (`budget_met`),
+   under a bounded concurrent load paced at half the server's measured capacity.
 
 `--update-doc docs/serving.md` rewrites the figures block of that page from the
 JSON just written, so the page never holds a number this command did not produce.
@@ -55,6 +56,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None,
                    help="requests per throughput / budget run (default 400; quick 24)")
     p.add_argument("--clients", type=int, default=4, help="concurrent client threads (default: %(default)s)")
+    p.add_argument("--load-factor", type=float, default=0.5,
+                   help="budget run: requests/s as this share of the server's measured batch-1 "
+                        "full-ensemble throughput (default: %(default)s)")
     p.add_argument("--budget-factor", type=float, default=2.0,
                    help="latency_budget_ms = this x the measured batch-1 full-ensemble median (default: %(default)s)")
     p.add_argument("--no-torchserve", action="store_true", help="skip TorchServe (recorded as skipped)")
@@ -267,8 +271,14 @@ def torchserve_server(checkpoint: Path, env: dict):
 
 
 # --- 3 and 4. load over gRPC --------------------------------------------------------------------
-def load(target: str, token: str | None, x: np.ndarray, requests: int, clients: int, **knobs) -> dict:
-    """`requests` unary calls from `clients` threads (one channel each); wall time and every answer."""
+def load(target: str, token: str | None, x: np.ndarray, requests: int, clients: int,
+         rate_per_s: float | None = None, budget_ms: float | None = None, **knobs) -> dict:
+    """`requests` unary calls from `clients` threads (one channel each); wall time and every answer.
+
+    Without `rate_per_s` the clients send back to back (saturation: throughput). With it, request
+    i leaves at t0 + i / rate_per_s (a paced, bounded load) and, given `budget_ms`, carries both
+    `latency_budget_ms` and an absolute `deadline_unix_ms`, so time queued anywhere counts.
+    """
     from npas_serve.client import Client
 
     with Client(target, token=token, timeout=60) as warm:     # warm the server and the channel
@@ -283,11 +293,17 @@ def load(target: str, token: str | None, x: np.ndarray, requests: int, clients: 
         with Client(target, token=token, timeout=60) as client:
             while True:
                 with lock:
-                    if next(todo, None) is None:
+                    i = next(todo, None)
+                    if i is None:
                         return
+                if rate_per_s is not None:
+                    time.sleep(max(0.0, start + i / rate_per_s - time.perf_counter()))
+                extra = {} if budget_ms is None else {
+                    "latency_budget_ms": round(budget_ms, 3),
+                    "deadline_unix_ms": round(time.time() * 1000 + budget_ms, 3)}
                 t0 = time.perf_counter()
                 try:
-                    answer = client.predict(x, **knobs)
+                    answer = client.predict(x, **knobs, **extra)
                 except Exception as exc:         # counted, not fatal: the run reports them
                     with lock:
                         errors.append(str(exc)[:200])
@@ -296,7 +312,7 @@ def load(target: str, token: str | None, x: np.ndarray, requests: int, clients: 
                     results.append(((time.perf_counter() - t0) * 1000, answer))
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
@@ -351,9 +367,11 @@ def server_sections(args, checkpoint: Path, input_shape, num_members: int, budge
                     run = load(target, token, x, args.requests, args.clients, ensemble_size=num_members)
                     runs.append(throughput(run, batch))
                 tp[kind] = {"start_s": started, "clients": args.clients, "runs": runs}
+                # a bounded load the server can sustain: half its batch-1 full-ensemble capacity
+                rate = args.load_factor * runs[0]["requests_per_s"]
                 x = rng.standard_normal((1, *input_shape)).astype(np.float32)
-                run = load(target, token, x, args.requests, args.clients, latency_budget_ms=round(budget_ms, 3))
-                bud[kind] = {"clients": args.clients, **budget_hits(run, budget_ms)}
+                run = load(target, token, x, args.requests, args.clients, rate_per_s=rate, budget_ms=budget_ms)
+                bud[kind] = {"clients": args.clients, "rate_per_s": rate, **budget_hits(run, budget_ms)}
         except Exception as exc:      # one server failing must not lose the other figures
             failed = {"skipped": f"failed: {type(exc).__name__}: {str(exc)[:300]}"}
             tp.setdefault(kind, failed)
@@ -411,7 +429,9 @@ def render(res: dict) -> str:
             out.append(f"| {kind} | {r['batch']} | {r['requests_per_s']:.1f} | {r['examples_per_s']:.1f} | "
                        f"{cl['median_ms']:.2f} | {cl['p90_ms']:.2f} | {r['errors']} |")
     out += ["", f"**Budget hit rate** (batch 1, {res['config']['clients']} client threads, "
-            f"latency_budget_ms = {res['config']['budget_factor']} x the batch-1 full-ensemble median)", "",
+            f"paced at {res['config']['load_factor']} x each server's batch-1 throughput, "
+            f"latency_budget_ms = {res['config']['budget_factor']} x the batch-1 full-ensemble median, "
+            f"sent with the matching deadline_unix_ms so queueing counts)", "",
             "| server | budget ms | requests | budget_met | hit rate | within budget at the client | "
             "members used (mean) | engine p90 ms | met (>= 99%) |", "|---|---|---|---|---|---|---|---|---|"]
     for kind, sec in res["budget"].items():
@@ -448,7 +468,7 @@ def main(argv=None) -> int:
     command = " ".join([".venv/bin/python", "benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])])
     res = {"command": command, "checkpoint": str(checkpoint), "quick": args.quick, "machine": machine(args.threads),
            "config": {"reps": args.reps, "requests": args.requests, "clients": args.clients,
-                      "budget_factor": args.budget_factor, "cache_bytes": 0}, "targets": TARGETS}
+                      "budget_factor": args.budget_factor, "load_factor": args.load_factor, "cache_bytes": 0}, "targets": TARGETS}
     t0 = time.perf_counter()
     engine = Engine.load(checkpoint, EngineConfig(cache_bytes=0))
     res["engine_load_s"] = time.perf_counter() - t0
