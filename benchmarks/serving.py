@@ -29,17 +29,14 @@ import os
 import platform
 import resource
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from npas_serve.servers import launch
 
 TARGETS = {"ratio_batch32": 1.10, "ratio_batch1": 1.5, "budget_hit_rate": 0.99}
 DOC_START, DOC_END = "<!-- figures:start (benchmarks/serving.py --update-doc) -->", "<!-- figures:end -->"
@@ -209,67 +206,6 @@ def resident_section(engine) -> dict:
             "target": target, "met": rb.total <= target, "resident_over_unshared": rb.total / unshared_total}
 
 
-# --- servers ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with status {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listened on port {port} within {timeout:.0f}s")
-
-
-@contextmanager
-def embedded_server(checkpoint: Path, env: dict):
-    grpc_port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "npas_serve.cli", "serve", str(checkpoint),
-                             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        _wait_port(grpc_port, proc)
-        yield f"127.0.0.1:{grpc_port}", None
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@contextmanager
-def torchserve_server(checkpoint: Path, env: dict):
-    from npas_serve.archive import build_archive
-    from npas_serve.servers import torchserve as ts
-
-    with tempfile.TemporaryDirectory(prefix="npas-bench-ts-") as tmp:
-        root = Path(tmp)
-        build_archive(checkpoint, "npas", root / "model_store")
-        ports = ts.Ports(*(free_port() for _ in range(5)))
-        run_dir = root / "run"
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)           # the frontend passes our environment on to its workers
-        try:
-            ts.start(root / "model_store", "npas", run_dir, ports=ports, timeout_s=240)
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        try:
-            yield f"127.0.0.1:{ports.grpc}", ts.inference_token(run_dir)
-        finally:
-            ts.stop(run_dir)
-
-
 # --- 3 and 4. load over gRPC --------------------------------------------------------------------
 def load(target: str, token: str | None, x: np.ndarray, requests: int, clients: int,
          rate_per_s: float | None = None, budget_ms: float | None = None, **knobs) -> dict:
@@ -346,20 +282,21 @@ def budget_hits(run: dict, budget_ms: float) -> dict:
 
 
 def server_sections(args, checkpoint: Path, input_shape, num_members: int, budget_ms: float) -> tuple[dict, dict]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rng = np.random.default_rng(1)
     tp, bud = {}, {}
-    servers = [("embedded", embedded_server)]
+    servers = [("embedded", lambda: launch.running_embedded(checkpoint, env))]
     if args.no_torchserve:
         tp["torchserve"] = bud["torchserve"] = {"skipped": "--no-torchserve"}
     elif shutil.which("java") is None:
         tp["torchserve"] = bud["torchserve"] = {"skipped": "java is not on PATH"}
     else:
-        servers.append(("torchserve", torchserve_server))
+        servers.append(("torchserve", lambda: launch.running_torchserve(checkpoint, env=env)))
     for kind, start in servers:
         t0 = time.perf_counter()
         try:
-            with start(checkpoint, env) as (target, token):
+            with start() as launched:
+                target, token = launched.target, launched.token
                 started = time.perf_counter() - t0
                 runs = []
                 for batch in (1, 32):

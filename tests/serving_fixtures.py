@@ -7,15 +7,9 @@ worker) start their own or leave it serving again.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -24,14 +18,11 @@ import pytest
 from npas_serve.checkpoint import load_checkpoint
 from npas_serve.data import load_dataset
 from npas_serve.evaluate import evaluate, write_report
+from npas_serve.servers import launch
 
-CLI = [sys.executable, "-m", "npas_serve.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CLI = launch.CLI
+free_port = launch.free_port
+_wait_port = launch.wait_port
 
 
 @pytest.fixture(scope="session")
@@ -45,68 +36,29 @@ def served_checkpoint(trained_tiny, tmp_path_factory) -> Path:
 
 
 @dataclass
-class Server:
-    kind: str
-    target: str
-    metrics_url: str
-    token: str | None
-    pid: int
-    run_dir: Path | None = None        # TorchServe only: config, logs, key_file.json
-    ports: object | None = None        # TorchServe only: npas_serve.servers.torchserve.Ports
+class Server(launch.Launched):
+    """A launched server, plus what the tests know of the tiny family it serves."""
+
     num_members: int = 3
     num_exits: int = 3
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
+def _as_server(launched: launch.Launched) -> Server:
+    return Server(**{f.name: getattr(launched, f.name) for f in fields(launched)})
 
 
 @contextmanager
 def running_embedded(checkpoint: Path) -> Iterator[Server]:
-    """`npas-serve serve CHECKPOINT` on free ports; SIGTERM (a graceful drain) at the end."""
-    grpc_port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([*CLI, "serve", str(checkpoint), "--grpc-port", str(grpc_port),
-                             "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_port(grpc_port, proc)
-        yield Server("embedded", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                     None, proc.pid)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+    with launch.running_embedded(checkpoint) as launched:
+        yield _as_server(launched)
 
 
 @contextmanager
 def running_torchserve(checkpoint: Path, root: Path) -> Iterator[Server]:
-    """A fresh .mar of CHECKPOINT under real TorchServe (token auth on); no process may outlive it."""
-    from npas_serve.archive import build_archive
-    from npas_serve.servers import torchserve as ts
-
     if shutil.which("java") is None:
         pytest.skip("java is not installed; scripts/setup.sh installs it")
-    build_archive(checkpoint, "npas", root / "model_store")
-    ports = ts.Ports(*(free_port() for _ in range(5)))
-    run_dir = root / "run"
-    pid = ts.start(root / "model_store", "npas", run_dir, ports=ports, timeout_s=240)
-    try:
-        yield Server("torchserve", f"127.0.0.1:{ports.grpc}", f"http://127.0.0.1:{ports.metrics}/metrics",
-                     ts.inference_token(run_dir), pid, run_dir, ports)
-    finally:
-        pgid = os.getpgid(pid) if ts.running_pid(run_dir) else None
-        ts.stop(run_dir)
-        if pgid is not None:
-            leftover = [p for p in ts._pids() if ts._pgid_of(p) == pgid and not ts._zombie(p)]
-            assert not leftover, f"TorchServe left processes behind: {leftover}"
+    with launch.running_torchserve(checkpoint, root) as launched:
+        yield _as_server(launched)
 
 
 @pytest.fixture(scope="session")

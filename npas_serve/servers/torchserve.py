@@ -71,8 +71,12 @@ def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports,
 
 
 def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchserve"), host: str = "127.0.0.1",
-          ports: Ports | None = None, dev: bool = False, timeout_s: float = 180.0) -> int:
-    """Start TorchServe with `<model_store>/<name>.mar`, wait for a READY worker; returns the PID."""
+          ports: Ports | None = None, dev: bool = False, timeout_s: float = 180.0,
+          env: dict[str, str] | None = None) -> int:
+    """Start TorchServe with `<model_store>/<name>.mar`, wait for a READY worker; returns the PID.
+
+    `env` (e.g. OMP_NUM_THREADS) is added to the environment the frontend passes to its workers.
+    """
     ports = ports or Ports()
     model_store, run_dir = Path(model_store).resolve(), Path(run_dir).resolve()
     mar = model_store / f"{name}.mar"
@@ -87,7 +91,7 @@ def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchser
     (run_dir / "metrics.yaml").write_text(metrics_yaml())
     (run_dir / "config.properties").write_text(config_properties(run_dir, model_store, host, ports, dev))
     (run_dir / KEY_FILE).unlink(missing_ok=True)
-    env = dict(os.environ, TMPDIR=str(run_dir), TEMP=str(run_dir), LOG_LOCATION=str(run_dir / "logs"),
+    env = dict(os.environ, **(env or {}), TMPDIR=str(run_dir), TEMP=str(run_dir), LOG_LOCATION=str(run_dir / "logs"),
                METRICS_LOCATION=str(run_dir / "logs"))
     cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
            "--ts-config", str(run_dir / "config.properties"), "--model-store", str(model_store),

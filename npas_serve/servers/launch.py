@@ -1,0 +1,101 @@
+"""Start the real servers as child processes on free loopback ports, and stop them by PID.
+
+Used by the tests and the benchmarks, which must talk to the servers exactly as
+a user does: `npas-serve serve` in its own process, and TorchServe from a
+freshly built .mar with token auth on.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from npas_serve.servers import torchserve as ts
+
+CLI = [sys.executable, "-m", "npas_serve.cli"]
+
+
+@dataclass
+class Launched:
+    kind: str                        # embedded | torchserve
+    target: str                      # host:port of the gRPC inference API
+    metrics_url: str
+    token: str | None                # TorchServe's inference key (None: no auth)
+    pid: int
+    run_dir: Path | None = None      # TorchServe only: config, logs, key_file.json
+    ports: ts.Ports | None = None    # TorchServe only
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    """Until something listens on `port`; fails early if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listened on port {port} within {timeout:.0f}s")
+
+
+@contextmanager
+def running_embedded(checkpoint: Path, env: dict[str, str] | None = None) -> Iterator[Launched]:
+    """`npas-serve serve CHECKPOINT`; SIGTERM (a graceful drain) at the end, SIGKILL after 60 s.
+
+    `env` is added to this process's environment for the server (as for TorchServe).
+    """
+    grpc_port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([*CLI, "serve", str(checkpoint), "--grpc-port", str(grpc_port),
+                             "--metrics-port", str(metrics_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    try:
+        wait_port(grpc_port, proc)
+        yield Launched("embedded", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
+                       None, proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def running_torchserve(checkpoint: Path, root: Path | None = None,
+                       env: dict[str, str] | None = None) -> Iterator[Launched]:
+    """A fresh .mar of CHECKPOINT under TorchServe (token auth on); no process may outlive it."""
+    from npas_serve.archive import build_archive
+
+    with tempfile.TemporaryDirectory(prefix="npas-ts-") as tmp:
+        root = Path(root or tmp)
+        build_archive(checkpoint, "npas", root / "model_store")
+        ports = ts.Ports(*(free_port() for _ in range(5)))
+        run_dir = root / "run"
+        pid = ts.start(root / "model_store", "npas", run_dir, ports=ports, timeout_s=240, env=env)
+        try:
+            yield Launched("torchserve", f"127.0.0.1:{ports.grpc}", f"http://127.0.0.1:{ports.metrics}/metrics",
+                           ts.inference_token(run_dir), pid, run_dir, ports)
+        finally:
+            pgid = os.getpgid(pid) if ts.running_pid(run_dir) else None
+            ts.stop(run_dir)
+            leftover = [] if pgid is None else [p for p in ts._pids() if ts._pgid_of(p) == pgid
+                                                 and not ts._zombie(p)]
+            if leftover:
+                raise RuntimeError(f"TorchServe left processes behind: {leftover}")
