@@ -29,7 +29,7 @@ from torch import nn
 from npas_serve import registry
 from npas_serve.checkpoint import (MANIFEST, Manifest, load_checkpoint, load_tensors, save_checkpoint,
                                    save_tensors, write_json)
-from npas_serve.data import Dataset, load_dataset
+from npas_serve.data import Dataset, is_path, load_dataset
 from npas_serve.errors import UserError
 from npas_serve.family import Family, FamilySpec, build_family
 
@@ -234,6 +234,8 @@ def sync_batchnorm(module: nn.Module) -> nn.Module:
 def prepare_data(spec: FamilySpec, data: str | None, data_seed: int | None) -> tuple[str, Dataset]:
     defaults = registry.defaults("family", spec.family)
     name = data or defaults.get("data", "mnist1d")
+    if is_path(name):   # the manifest must find the file again from any working directory
+        name = str(Path(name).resolve())
     # the family's class count (--num-classes, or the manifest's on resume) is the data's too
     dataset = load_dataset(name, seed=data_seed, num_classes=spec.family_kwargs.get("num_classes"))
     dataset = dataset.with_channels(defaults.get("input_ndim", 1))

@@ -148,3 +148,13 @@ def test_batches_depend_only_on_seed_and_epoch():
     # two processes split every global batch
     halves = [batches(300, 128, 0, 3, rank=r, world=2) for r in (0, 1)]
     assert torch.equal(torch.cat([halves[0][0], halves[1][0]]), a[0])
+
+
+def test_a_relative_data_path_is_stored_absolute(tmp_path, small_npz, monkeypatch):
+    """`npas-serve eval` must find the data again from any working directory."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.npz").write_bytes(small_npz.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    _, manifest = run_training(FamilySpec(family="mnist1d-resnet-tiny"), TrainConfig(epochs=1),
+                               tmp_path / "out", data="data/mine.npz", progress=False)
+    assert manifest.data == str(tmp_path / "data" / "mine.npz")
