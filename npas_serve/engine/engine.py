@@ -124,6 +124,7 @@ class Engine:
         # frozen: any generator's weights baked once into plain members (Family.freeze); no generation per request
         self._frozen = ([family.freeze(m).eval() for m in range(len(self.names))]
                         if self.config.freeze else None)
+        self._static_bytes = self._count_static_bytes()
         self._mean = manifest.normalisation.mean
         self._std = manifest.normalisation.std
         self._lock = FifoLock()                  # one forward at a time; torch already uses every core
@@ -196,6 +197,11 @@ class Engine:
                                      final.exit_reached if final else None, missed, gen[0]))
 
     def resident_bytes(self) -> ResidentBytes:
+        """What stays on the device: fixed at load, except the cache (read on every request)."""
+        return ResidentBytes(*self._static_bytes[:3], self.cache.bytes, self._static_bytes[3])
+
+    def _count_static_bytes(self) -> tuple[int, int, int, int]:
+        """(bank, the generator's other tensors, norms and heads, frozen members) in bytes."""
         bank = coeffs = private = 0
         for name, t in self.family.state_dict().items():
             size = t.numel() * t.element_size()
@@ -210,7 +216,7 @@ class Engine:
             bank = self.family.generator.bank_numel() * 4
             coeffs = gen_bytes - bank
         frozen = sum(t.numel() * t.element_size() for m in self._frozen or [] for t in m.state_dict().values())
-        return ResidentBytes(bank, coeffs, private, self.cache.bytes, frozen)
+        return bank, coeffs, private, frozen
 
     # --- running ----------------------------------------------------------------------------
     def _effective_budget(self, request: InferenceRequest) -> float | None:
