@@ -43,7 +43,8 @@ class Figures:
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        body = {"generated_unix": round(time.time()), "cpu_count": os.cpu_count(), **self.data}
+        body = {"generated_unix": round(time.time()), "cpu_count": os.cpu_count(),
+                "loadavg": [round(v, 2) for v in os.getloadavg()], **self.data}
         path.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
 
 
