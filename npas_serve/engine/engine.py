@@ -108,6 +108,15 @@ class Observation:
     exit_depth: int | None
     budget_missed: bool
     generation_s: float
+    cache_hits: int = 0         # stages this request took from the weight cache
+
+
+@dataclass
+class _Tally:
+    """What a request's stages add up to, for its Observation."""
+
+    generation_s: float = 0.0
+    cache_hits: int = 0
 
 
 class Engine:
@@ -179,12 +188,12 @@ class Engine:
         started = time.perf_counter()
         budget = self._effective_budget(request)
         members_run: list[str] = []
-        gen = [0.0]
+        tally = _Tally()
         final: InferenceResponse | None = None
         status = "error"
         try:
             run = self._run_anytime if request.mode == "anytime" else self._run_ensemble
-            for final in run(request, started, budget, members_run, gen, intermediate):
+            for final in run(request, started, budget, members_run, tally, intermediate):
                 yield final
             status = "ok"
         except RequestError:
@@ -194,7 +203,8 @@ class Engine:
             latency = time.perf_counter() - started
             missed = bool(final is not None and final.budget_met is False)
             self._notify(Observation(request.mode, status, latency, members_run,
-                                     final.exit_reached if final else None, missed, gen[0]))
+                                     final.exit_reached if final else None, missed, tally.generation_s,
+                                     tally.cache_hits))
 
     def resident_bytes(self) -> ResidentBytes:
         """What stays on the device: fixed at load, except the cache (read on every request)."""
@@ -230,7 +240,7 @@ class Engine:
         x = torch.from_numpy(np.ascontiguousarray(request.inputs, dtype=np.float32))
         return ((x - self._mean) / self._std).to(self.device)
 
-    def _stage(self, step: Step, h: torch.Tensor, gen: list[float]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _stage(self, step: Step, h: torch.Tensor, tally: _Tally) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Generate a stage's weights, run the stage and its exit head; returns (h, probs, ms)."""
         t0 = time.perf_counter()
         if self._frozen is not None:          # weights baked in at load: nothing to generate
@@ -240,8 +250,10 @@ class Engine:
         else:
             member = self.family.members[step.member]
             if self.cache.max_bytes:
+                hits = self.cache.hits       # exact: stages run one at a time under the engine lock
                 weights = self.cache.get((step.member, step.stage),
                                          lambda: self.family.stage_weights(step.member, step.stage))
+                tally.cache_hits += self.cache.hits - hits
             else:
                 weights = self.family.stage_weights(step.member, step.stage)
             t1 = time.perf_counter()
@@ -251,11 +263,11 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ms = (time.perf_counter() - t0) * 1000
-        gen[0] += t1 - t0
+        tally.generation_s += t1 - t0
         self.cost.observe(step, h.shape[0], ms)
         return h, probs, ms
 
-    def _run_ensemble(self, request, started, budget, members_run, gen,
+    def _run_ensemble(self, request, started, budget, members_run, tally,
                       intermediate: bool = True) -> Iterator[InferenceResponse]:
         x = self._inputs(request)
         members = None if request.members is None else [self.names.index(n) for n in request.members]
@@ -266,7 +278,7 @@ class Engine:
             h = x
             with self._locked(), torch.inference_mode():
                 for step in steps[m]:
-                    h, probs, _ = self._stage(step, h, gen)
+                    h, probs, _ = self._stage(step, h, tally)
             done.append(probs)
             members_run.append(self.names[m])
             # stop before a member that would break the budget; the answer so far is final
@@ -277,7 +289,7 @@ class Engine:
             if last:
                 return
 
-    def _run_anytime(self, request, started, budget, members_run, gen,
+    def _run_anytime(self, request, started, budget, members_run, tally,
                      intermediate: bool = True) -> Iterator[InferenceResponse]:
         x = self._inputs(request)
         member = None if request.members is None else self.names.index(request.members[0])
@@ -286,7 +298,7 @@ class Engine:
         h, seen = x, []
         for i, step in enumerate(plan.steps):
             with self._locked(), torch.inference_mode():
-                h, probs, _ = self._stage(step, h, gen)
+                h, probs, _ = self._stage(step, h, tally)
             seen.append(probs)
             confident = (request.min_confidence is not None
                          and bool((probs.max(dim=-1).values >= request.min_confidence).all()))
@@ -354,6 +366,6 @@ class Engine:
         x = torch.randn(batch, *self.limits.input_shape, device=self.device)
         times, h = [], x
         for s in range(self.num_exits):
-            h, _, ms = self._stage(Step(member, s), h, [0.0])
+            h, _, ms = self._stage(Step(member, s), h, _Tally())
             times.append(ms)
         return times

@@ -65,9 +65,8 @@ def record(sink: Sink, engine: Engine, obs: Observation) -> None:
     resident = engine.resident_bytes()
     emit("npas_resident_bank_bytes", resident.total - resident.cache)
     emit("npas_cache_bytes", resident.cache)
-    hits, engine.cache.hits = engine.cache.hits, 0     # counters take increments
-    if hits:
-        emit("npas_cache_hits_total", hits)
+    if obs.cache_hits:
+        emit("npas_cache_hits_total", obs.cache_hits)
 
 
 class PrometheusSink:

@@ -102,3 +102,21 @@ def test_runs_on_cuda(served_checkpoint, x):
     eng = Engine.load(served_checkpoint, EngineConfig(device="cuda", warmup_batch_sizes=(1,)))
     answer = eng.answer(InferenceRequest(inputs=x))
     assert next(eng.family.parameters()).is_cuda and answer.probabilities.shape == (6, 10)
+
+
+def test_observations_carry_each_requests_cache_hits_and_metrics_leave_the_engine_alone(served_checkpoint, x):
+    from npas_serve.servers.metrics import PrometheusSink, record
+
+    eng = Engine.load(served_checkpoint, EngineConfig(cache_bytes=10**9, warmup_batch_sizes=(1,)))
+    sink = PrometheusSink("npas")
+    seen = []
+    eng.add_observer(seen.append)
+    eng.add_observer(lambda obs: record(sink, eng, obs))
+    eng.answer(InferenceRequest(inputs=x, ensemble_size=1))       # warm-up filled the cache already
+    eng.answer(InferenceRequest(inputs=x, ensemble_size=1))
+    stages = eng.num_exits
+    assert [o.cache_hits for o in seen] == [stages, stages]
+    hits_before = eng.cache.hits
+    assert hits_before >= 2 * stages                                # recording did not reset it
+    value = sink.registry.get_sample_value("npas_cache_hits_total", {"ModelName": "npas"})
+    assert value == 2 * stages
