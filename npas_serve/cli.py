@@ -103,12 +103,9 @@ def _train(args: argparse.Namespace) -> int:
                       seed=args.seed, method_kwargs=dict(args.method_arg))
     if args.num_classes:
         spec.family_kwargs["num_classes"] = args.num_classes
-    data = args.data
-    if data and args.num_classes and not args.resume:
-        from npas_serve.data import load_dataset
-        load_dataset(data, args.data_seed, args.num_classes)  # validate labels against --num-classes first
     with _distributed() as (rank, world):
-        family, manifest = run_training(spec, cfg, args.out, data=data, data_seed=args.data_seed,
+        # run_training validates the data (labels against --num-classes too) before writing anything
+        family, manifest = run_training(spec, cfg, args.out, data=args.data, data_seed=args.data_seed,
                                         resume=args.resume, progress=not args.quiet, rank=rank, world=world)
     if rank != 0:              # rank 0 wrote the checkpoint; it alone reports and evaluates
         return 0
