@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from npas_serve.errors import UserError
-from npas_serve.generators.base import Slot, WeightGenerator
+from npas_serve.generators.base import Slot, WeightGenerator, kaiming_bank
 from npas_serve.registry import register_generator
 
 HASHES = ("dirichlet", "neighborhood")
@@ -79,7 +79,7 @@ class ArbNet(WeightGenerator):
         m = self.budget
         n = sum(s.numel for s in self.slots)
         fan_max = max(s.fan_in for s in self.slots)
-        self.banks = nn.ParameterList([nn.Parameter(torch.randn(m) * math.sqrt(2.0 / fan_max))])
+        self.banks = nn.ParameterList([nn.Parameter(kaiming_bank(m, fan_max))])
         index = dirichlet_hash(n, m, alpha) if hash == "dirichlet" else neighborhood_hash(n, m, spread)
         dtype = torch.int32 if m < 2**31 else torch.int64
         self.register_buffer("index", index.to(dtype), persistent=True)

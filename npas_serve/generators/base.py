@@ -72,3 +72,15 @@ class WeightGenerator(nn.Module):
     def diagnostics(self) -> dict[str, float]:
         """Method-specific figures worth reporting (e.g. hash bucket balance); empty by default."""
         return {}
+
+
+def kaiming_bank(numel: int, fan_in: int) -> torch.Tensor:
+    """A flat bank drawn at the Kaiming-normal scale of the widest layer it serves."""
+    return torch.randn(numel) * math.sqrt(2.0 / fan_in)
+
+
+def unit_orthogonal(rows: int, cols: int) -> torch.Tensor:
+    """Orthogonal init with rows rescaled to unit norm, so a mixed piece starts at the bank's scale."""
+    t = torch.empty(rows, cols)
+    nn.init.orthogonal_(t)
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npas_serve.errors import UserError
-from npas_serve.generators.base import Slot, WeightGenerator
+from npas_serve.generators.base import Slot, WeightGenerator, kaiming_bank, unit_orthogonal
 from npas_serve.registry import register_generator
 
 DOWN = ("wavg", "emb", "avg")
@@ -87,7 +87,7 @@ class SSN(WeightGenerator):
         self._bank_of = [ids.index(g) for g in self.groups]
         sizes = [sum(s.numel for s, b in zip(self.slots, self._bank_of) if b == i) for i in range(len(ids))]
         fan_max = [max(s.fan_in for s, b in zip(self.slots, self._bank_of) if b == i) for i in range(len(ids))]
-        self.banks = nn.ParameterList(nn.Parameter(torch.randn(n) * math.sqrt(2.0 / f))
+        self.banks = nn.ParameterList(nn.Parameter(kaiming_bank(n, f))
                                       for n, f in zip(split_groups(sizes, self.budget), fan_max))
         self._k = []           # templates per slot; 0 marks an upsampled slot
         for s, b in zip(self.slots, self._bank_of):
@@ -100,10 +100,10 @@ class SSN(WeightGenerator):
         self.embeddings = nn.ParameterList()
         self.projections = nn.ParameterList()
         if down == "wavg":
-            self.coefficients.extend(nn.Parameter(_unit_orthogonal(1, max(k, 1))[0]) for k in self._k)
+            self.coefficients.extend(nn.Parameter(unit_orthogonal(1, max(k, 1))[0]) for k in self._k)
         elif down == "emb":
-            self.embeddings.extend(nn.Parameter(_unit_orthogonal(1, emb_size)[0]) for _ in self.slots)
-            self.projections.extend(nn.Parameter(_unit_orthogonal(max_templates, emb_size)) for _ in ids)
+            self.embeddings.extend(nn.Parameter(unit_orthogonal(1, emb_size)[0]) for _ in self.slots)
+            self.projections.extend(nn.Parameter(unit_orthogonal(max_templates, emb_size)) for _ in ids)
         self.masks = nn.ParameterDict()
         if up == "mask":
             for i, (s, b, k) in enumerate(zip(self.slots, self._bank_of, self._k)):
@@ -162,10 +162,3 @@ class SSN(WeightGenerator):
         down = [k for k in self._k if k]
         return {"upsampled_layers": float(len(self._k) - len(down)),
                 "mean_templates": float(sum(down) / len(down)) if down else 0.0}
-
-
-def _unit_orthogonal(rows: int, cols: int) -> torch.Tensor:
-    """Orthogonal init with unit-norm rows, so a mapped piece starts at the bank's scale."""
-    t = torch.empty(rows, cols)
-    nn.init.orthogonal_(t)
-    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from npas_serve.errors import UserError
-from npas_serve.generators.base import Slot, WeightGenerator
+from npas_serve.generators.base import Slot, WeightGenerator, kaiming_bank, unit_orthogonal
 from npas_serve.registry import register_generator
 
 
@@ -117,8 +117,8 @@ class SuperWeights(WeightGenerator):
         rows = self._rows()
         for b, (bank, numel) in enumerate(zip(self._banks, alloc)):
             k = min(max(1, numel // bank.size), max_templates)
-            self.banks.append(nn.Parameter(_kaiming(numel, bank.fan_in)))
-            self.coefficients.append(nn.Parameter(_orthogonal_rows(1 + max(rows[b].values()), k)))
+            self.banks.append(nn.Parameter(kaiming_bank(numel, bank.fan_in)))
+            self.coefficients.append(nn.Parameter(unit_orthogonal(1 + max(rows[b].values()), k)))
         self._index_pieces(rows)
 
     def _rows(self) -> list[dict[int, int]]:
@@ -269,14 +269,3 @@ def bank_layout(slots: Sequence[Slot], groups: Sequence[int]) -> tuple[list[_Ban
             users = tuple(i for i in ids if width[i] >= w)
             banks.append(_Bank(g, w, in_shape, out_shape, users, fan_in))
     return banks, width
-
-
-def _kaiming(numel: int, fan_in: int) -> torch.Tensor:
-    return torch.randn(numel) * math.sqrt(2.0 / fan_in)
-
-
-def _orthogonal_rows(rows: int, k: int) -> torch.Tensor:
-    """Orthogonal init, rows rescaled to unit norm so every piece starts at the Kaiming scale."""
-    coeffs = torch.empty(rows, k)
-    nn.init.orthogonal_(coeffs)
-    return coeffs / coeffs.norm(dim=1, keepdim=True).clamp_min(1e-12)
