@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from npas_serve.checkpoint import TENSORS
 from npas_serve.family import FamilySpec
+from npas_serve.servers.launch import free_port
 from npas_serve.train import TRAIN_META, GlobalBatchNorm, TrainConfig, run_training, sync_batchnorm
 
 TINY = "mnist1d-resnet-tiny"
@@ -42,19 +42,13 @@ def even_npz(tmp_path_factory):
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_what_one_process_trains(tmp_path, even_npz):
     run_training(FamilySpec(family=TINY), TrainConfig(epochs=1, batch_size=64, optimizer="sgd"),
                  tmp_path / "one", data=str(even_npz), progress=False)
 
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "npas_serve.train", *ARGS, "--data", str(even_npz),
+           "--master-port", str(free_port()), "-m", "npas_serve.train", *ARGS, "--data", str(even_npz),
            "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
