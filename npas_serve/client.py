@@ -55,7 +55,7 @@ class Client:
             return health
 
     def predict(self, inputs: np.ndarray, *, fmt: str = "json", **knobs) -> InferenceResponse:
-        """One answer for a batch `inputs` of shape (B, *input_shape); knobs as in DESIGN.md."""
+        """One answer for a batch `inputs` of shape (B, *input_shape); knobs as in docs/design.md (Serving contract)."""
         reply = self._call(self._stub.Predictions, self._request(inputs, fmt, knobs))
         return self._decode(reply)
 

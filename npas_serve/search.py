@@ -1,6 +1,6 @@
 """Groupings found by training, and SuperWeights' coefficient unsharing.
 
-`gradient` (SuperWeights, METHODS.md §1): layers that want to diverge should not share.
+`gradient` (docs/methods.md, Gradient grouping search): layers that want to diverge should not share.
 
 1. Bins by kernel shape and depth position (the `shape` grouping). A warm-up
    trains a SuperWeights family in which every layer of a bin shares the bin's
@@ -21,7 +21,7 @@
    its coefficient gradients, summed over a few minibatches, with the class's
    representative is below 0.9.
 
-`kmeans` (SSN, METHODS.md §2): a warm-up with one SSN bank and the `emb`
+`kmeans` (docs/methods.md, Shapeshifter Networks (SSN)): a warm-up with one SSN bank and the `emb`
 mapping, then k-means on the learned layer embeddings. We ask for as many
 clusters as `shape` has groups (the same group count as the baselines) and
 split clusters by kernel shape so any generator can use the groups.
@@ -66,7 +66,7 @@ def unshare_epoch(cfg) -> int:
 
 @register_grouping("gradient", trains=True)
 def gradient_groups(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg) -> list[int]:
-    """METHODS.md §1 steps 1-3; also makes the group the starting coefficient class (step 4)."""
+    """docs/methods.md (Gradient grouping search) steps 1-3; also makes the group the starting coefficient class (step 4)."""
     def shared_bins(slots: list[Slot], budget: int) -> SuperWeights:
         bins = shape_groups(slots)
         return SuperWeights(slots, bins, budget, coefficient_ids=bins)
@@ -81,7 +81,7 @@ def gradient_groups(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg) -> 
 
 @register_grouping("kmeans", trains=True)
 def kmeans_groups(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg) -> list[int]:
-    """METHODS.md §2: k-means on the layer embeddings of a one-bank SSN warm-up."""
+    """docs/methods.md (Shapeshifter Networks (SSN)): k-means on the layer embeddings of a one-bank SSN warm-up."""
     from sklearn.cluster import KMeans
 
     up = spec.method_kwargs.get("up", "inter") if spec.method == "ssn" else "inter"

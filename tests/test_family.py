@@ -41,7 +41,7 @@ def test_forward_gives_every_exit_of_every_member(tiny, x):
 def _regions(family: Family) -> list[list[tuple[int, int, int, int]]]:
     """Per bank, the (row0, row1, col0, col1) blocks its pieces fill in the group's widest weight.
 
-    The spec of SuperWeights composition (METHODS.md §1): width 0 is the smallest
+    The spec of SuperWeights composition (docs/methods.md, SuperWeights): width 0 is the smallest
     shape; width w adds the extra input channels of the previous rows, then the
     extra output channels across all inputs. A layer's weight is the leading block.
     """
