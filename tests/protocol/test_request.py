@@ -246,7 +246,14 @@ def test_limits_boundaries_accepted():
     assert req.latency_budget_ms == 1000.0 and req.min_confidence == 0.0
 
 
-def test_inputs_are_a_private_writable_copy():
-    payload = pb()["data"]
+@pytest.mark.parametrize("fmt", ["protobuf", "raw-json"])
+def test_inputs_are_a_private_writable_copy(fmt):
+    # a bytearray payload is writable, so a view of it would pass the write below but change the caller's bytes
+    payload = bytearray(pb()["data"] if fmt == "protobuf" else js(inputs=raw(np.zeros((1, 1, 8))))["data"])
+    before = bytes(payload)
     req = parse_request({"data": payload}, LIMITS)
-    req.inputs[0, 0, 0] = 7.0  # would raise if it were a view of the payload bytes
+    assert req.inputs.flags.writeable
+    req.inputs[0, 0, 0] = 7.0            # raises if the array were a read-only view of the payload
+    assert req.inputs[0, 0, 0] == 7.0
+    assert bytes(payload) == before       # the caller's payload is untouched
+    assert parse_request({"data": payload}, LIMITS).inputs[0, 0, 0] == 0.0
