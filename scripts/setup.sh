@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what npas-serve needs on a fresh machine; fast no-op when nothing changed.
 #   - Java 17 for TorchServe's frontend (Debian package, only where missing)
+#   - promtool and prometheus for the deploy tests (Debian package `prometheus`, only where missing;
+#     without apt-get those tests skip and say why)
 #   - a virtualenv in .venv with torch==2.13.0 (CPU build) and the project (editable, with dev extras)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +13,17 @@ if ! command -v java >/dev/null || [ "$(java_major)" -lt 17 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq openjdk-17-jre-headless >/dev/null
+fi
+
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    echo "setup: installing Prometheus (promtool) for the deploy tests"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "setup: no apt-get; install Prometheus (promtool) yourself, or the deploy tests that need it skip"
+  fi
 fi
 
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}

@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 
@@ -19,8 +18,9 @@ import pytest
 
 from npas_serve.client import Client
 from npas_serve.servers.metrics import BY_NAME
-from tests.deploy.test_manifests import DEPLOY, dashboard_queries, metric_family, prometheus_binary
-from tests.serving_fixtures import free_port
+from tests.support.deploy import DEPLOY, dashboard_queries, metric_family, prometheus_binary
+from tests.support.servers import free_port
+from tests.support.wait import wait_until
 
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
 
@@ -32,12 +32,14 @@ def exercise(server) -> str:
         client.predict(x, ensemble_size=2)
         client.predict(x, mode="anytime")
         client.predict(x, latency_budget_ms=0.001)
-    deadline = time.monotonic() + 30           # TorchServe's frontend publishes metrics asynchronously
-    while True:
-        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        if "npas_exit_depth_total{" in text or time.monotonic() > deadline:
-            return text
-        time.sleep(0.5)
+    texts = []
+
+    def scraped() -> bool:                     # TorchServe's frontend publishes metrics asynchronously
+        texts.append(urllib.request.urlopen(server.metrics_url, timeout=10).read().decode())
+        return "npas_exit_depth_total{" in texts[-1]
+
+    wait_until(scraped, timeout_s=30, interval_s=0.5)
+    return texts[-1]
 
 
 def exported(text: str) -> set[str]:
@@ -89,29 +91,34 @@ def test_prometheus_scrapes_the_embedded_server_and_answers_the_dashboard(embedd
     proc = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    def results(expr: str) -> list:
+        assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+        try:
+            return _query(port, expr)["data"]["result"]
+        except OSError:                                  # not listening yet
+            return []
+
     try:
-        deadline, result = time.monotonic() + 60, []
-        while not result and time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            try:
-                result = _query(port, 'npas_requests_total{ModelName="npas"}')["data"]["result"]
-            except OSError:
-                pass
-            time.sleep(0.5)
+        result = wait_until(lambda: results('npas_requests_total{ModelName="npas"}'), timeout_s=60, interval_s=0.5)
         assert result, "Prometheus returned no npas_requests_total within 60 s"
         assert {r["metric"]["mode"] for r in result} >= {"ensemble", "anytime"}
-        assert sum(float(r["value"][1]) for r in result) >= 3
-        time.sleep(2.5)                                      # a few samples for rate()
+        before = sum(float(r["value"][1]) for r in result)
+        assert before >= 3
         exercise(embedded)
-        time.sleep(2.5)
-        for expr in dashboard_queries():
-            if expr.startswith("label_values"):
-                continue
-            expr = expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$server", ".*")
+        # rate() needs two samples in its window: wait until a scrape after the second round is in
+        total = 'sum(npas_requests_total{ModelName="npas"})'
+        assert wait_until(lambda: [r for r in results(total) if float(r["value"][1]) >= before + 3],
+                          timeout_s=60, interval_s=0.5), "Prometheus did not scrape the second round within 60 s"
+        exprs = [e.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$server", ".*")
+                 for e in dashboard_queries() if not e.startswith("label_values")]
+        # the served engine has no cache (--cache-bytes 0): its hit counter may stay without data
+        wanted = [e for e in exprs if "npas_cache_hits_total" not in e]
+        wait_until(lambda: all(results(e) for e in wanted), timeout_s=30, interval_s=0.5)
+        without_data = [e for e in wanted if not results(e)]
+        assert not without_data, f"no data for {without_data}"
+        for expr in exprs:
             answer = _query(port, expr)
             assert answer["status"] == "success", (expr, answer)
-            if "npas_cache_hits_total" not in expr:     # the served engine has no cache (--cache-bytes 0)
-                assert answer["data"]["result"], f"no data for {expr}"
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -17,10 +16,9 @@ import yaml
 
 from npas_serve.cli import build_parser
 from npas_serve.servers.metrics import BY_NAME, METRICS
-from npas_serve.servers.torchserve import Ports, config_properties, metrics_yaml
+from npas_serve.servers.torchserve.launcher import Ports, config_properties, metrics_yaml
+from tests.support.deploy import DEPLOY, ROOT, dashboard, dashboard_queries, metric_family, prometheus_binary
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 PORTS = asdict(Ports())
 # labels a query may use besides each metric's own: TorchServe's, Prometheus' target labels,
@@ -42,25 +40,6 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", path.read_text())
     return [tuple(line.split(None, 1)) for line in text.splitlines()
             if line.strip() and not line.lstrip().startswith("#") and len(line.split(None, 1)) == 2]
-
-
-def dashboard() -> dict:
-    return json.loads((DEPLOY / "compose" / "grafana" / "dashboards" / "npas-serve.json").read_text())
-
-
-def dashboard_queries() -> list[str]:
-    d = dashboard()
-    return ([t["expr"] for p in d["panels"] for t in p["targets"]]
-            + [v["definition"] for v in d["templating"]["list"]])
-
-
-def metric_family(name: str) -> str:
-    """npas_x_bucket -> npas_x for histograms; counters and gauges are their own family."""
-    for suffix in ("_bucket", "_sum", "_count"):
-        base = name.removesuffix(suffix)
-        if base != name and base in BY_NAME and BY_NAME[base].kind == "histogram":
-            return base
-    return name
 
 
 def container_commands() -> list[list[str]]:
@@ -246,28 +225,6 @@ def test_dashboard_covers_the_issue_and_names_only_project_metrics():
 @pytest.fixture(scope="session")
 def promtool() -> str:
     return prometheus_binary("promtool")
-
-
-def prometheus_binary(name: str) -> str:
-    """promtool / prometheus from the Debian package `prometheus`, installed here where missing."""
-    found = shutil.which(name)
-    if found:
-        return found
-    apt = shutil.which("apt-get")
-    import os
-
-    if apt is None or os.geteuid() != 0:
-        pytest.skip(f"{name} is missing and cannot be installed here (needs root and apt-get: "
-                    "apt-get install prometheus)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in ([apt, "update", "-qq"], [apt, "install", "-y", "-qq", "--no-install-recommends", "prometheus"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            pytest.skip(f"could not install prometheus with apt-get: {done.stderr.strip()[-300:]}")
-    found = shutil.which(name)
-    if not found:
-        pytest.skip(f"the prometheus package installed no {name}")
-    return found
 
 
 def test_prometheus_config_passes_promtool(promtool):
