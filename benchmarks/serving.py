@@ -30,13 +30,14 @@ import platform
 import resource
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from npas_serve.servers import launch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/support: what the tests start and send too
+from tests.support import servers as launch  # noqa: E402
+from tests.support.loadgen import Call, Run, run_load  # noqa: E402
 
 TARGETS = {"ratio_batch32": 1.10, "ratio_batch1": 1.5, "budget_hit_rate": 0.99}
 DOC_START, DOC_END = "<!-- figures:start (benchmarks/serving.py --update-doc) -->", "<!-- figures:end -->"
@@ -87,6 +88,7 @@ def machine(threads: int) -> dict:
 def latency_section(engine, reps: int) -> dict:
     import torch
 
+    from npas_serve.ensemble import combine
     from npas_serve.protocol.response import encode_request
 
     family, names, norm = engine.family, engine.names, engine.manifest.normalisation
@@ -99,7 +101,7 @@ def latency_section(engine, reps: int) -> dict:
         with torch.inference_mode():
             h = (torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) - norm.mean) / norm.std
             probs = [frozen[m](h)[-1].softmax(dim=-1) for m in chosen]
-            return torch.stack(probs).mean(dim=0).argmax(dim=-1).tolist()
+            return combine(probs).predictions.tolist()
 
     rng = np.random.default_rng(0)
     cells = []
@@ -208,8 +210,8 @@ def resident_section(engine) -> dict:
 
 # --- 3 and 4. load over gRPC --------------------------------------------------------------------
 def load(target: str, token: str | None, x: np.ndarray, requests: int, clients: int,
-         rate_per_s: float | None = None, budget_ms: float | None = None, **knobs) -> dict:
-    """`requests` unary calls from `clients` threads (one channel each); wall time and every answer.
+         rate_per_s: float | None = None, budget_ms: float | None = None, **knobs) -> Run:
+    """`requests` unary calls of `x` from `clients` threads after a warm-up (tests/support/loadgen.py).
 
     Without `rate_per_s` the clients send back to back (saturation: throughput). With it, request
     i leaves at t0 + i / rate_per_s (a paced, bounded load) and, given `budget_ms`, carries both
@@ -220,65 +222,32 @@ def load(target: str, token: str | None, x: np.ndarray, requests: int, clients: 
     with Client(target, token=token, timeout=60) as warm:     # warm the server and the channel
         for _ in range(3):
             warm.predict(x, **knobs)
-    todo = iter(range(requests))
-    lock = threading.Lock()
-    results: list[tuple[float, object]] = []
-    errors: list[str] = []
-
-    def worker():
-        with Client(target, token=token, timeout=60) as client:
-            while True:
-                with lock:
-                    i = next(todo, None)
-                    if i is None:
-                        return
-                if rate_per_s is not None:
-                    time.sleep(max(0.0, start + i / rate_per_s - time.perf_counter()))
-                extra = {} if budget_ms is None else {
-                    "latency_budget_ms": round(budget_ms, 3),
-                    "deadline_unix_ms": round(time.time() * 1000 + budget_ms, 3)}
-                t0 = time.perf_counter()
-                try:
-                    answer = client.predict(x, **knobs, **extra)
-                except Exception as exc:         # counted, not fatal: the run reports them
-                    with lock:
-                        errors.append(str(exc)[:200])
-                    continue
-                with lock:
-                    results.append(((time.perf_counter() - t0) * 1000, answer))
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    start = t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "results": results, "errors": errors}
+    calls = [Call(x, knobs=knobs) for _ in range(requests)]
+    return run_load(target, token, calls, clients, rate_per_s=rate_per_s, budget_ms=budget_ms)
 
 
-def throughput(run: dict, batch: int) -> dict:
-    ok = len(run["results"])
-    client_ms = [ms for ms, _ in run["results"]]
-    return {"batch": batch, "requests": ok, "errors": len(run["errors"]), "wall_s": run["wall_s"],
-            "requests_per_s": ok / run["wall_s"], "examples_per_s": ok * batch / run["wall_s"],
+def throughput(run: Run, batch: int) -> dict:
+    ok = len(run.answered)
+    client_ms = [r.latency_ms for r in run.answered]
+    return {"batch": batch, "requests": ok, "errors": len(run.failed), "wall_s": run.wall_s,
+            "requests_per_s": ok / run.wall_s, "examples_per_s": ok * batch / run.wall_s,
             "client_latency": summary(client_ms) if client_ms else None}
 
 
-def budget_hits(run: dict, budget_ms: float) -> dict:
-    answers = [a for _, a in run["results"]]
+def budget_hits(run: Run, budget_ms: float) -> dict:
+    answers = [r.answer for r in run.answered]
     met = sum(1 for a in answers if a.budget_met)
-    client_met = sum(1 for ms, _ in run["results"] if ms <= budget_ms)
+    client_met = sum(1 for r in run.answered if r.latency_ms <= budget_ms)
     n = len(answers)
     sizes = [len(a.members_used) for a in answers]
-    return {"budget_ms": budget_ms, "requests": n, "errors": len(run["errors"]),
+    return {"budget_ms": budget_ms, "requests": n, "errors": len(run.failed),
             "budget_met": met, "hit_rate": met / n if n else 0.0,
             "client_within_budget": client_met, "client_hit_rate": client_met / n if n else 0.0,
             "engine_latency": summary([a.latency_ms for a in answers]) if answers else None,
-            "client_latency": summary([ms for ms, _ in run["results"]]) if answers else None,
+            "client_latency": summary([r.latency_ms for r in run.answered]) if answers else None,
             "members_used_mean": float(np.mean(sizes)) if sizes else 0.0,
             "members_used_histogram": {str(k): sizes.count(k) for k in sorted(set(sizes))},
-            "met": bool(n) and met / n >= TARGETS["budget_hit_rate"] and not run["errors"]}
+            "met": bool(n) and met / n >= TARGETS["budget_hit_rate"] and not run.failed}
 
 
 def server_sections(args, checkpoint: Path, input_shape, num_members: int, budget_ms: float) -> tuple[dict, dict]:

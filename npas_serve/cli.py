@@ -6,11 +6,10 @@ with exit status 2, and leaves no half-written output behind.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
+import math
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from npas_serve.errors import UserError
 
@@ -24,7 +23,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _method_arg(text: str) -> tuple[str, int | float | str]:
+def _generator_arg(text: str) -> tuple[str, int | float | str]:
     """KEY=VALUE; the value becomes an int, else a float, else stays a string."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
@@ -37,17 +36,43 @@ def _method_arg(text: str) -> tuple[str, int | float | str]:
     return key.strip(), value
 
 
+def _deprecated(message: str) -> None:
+    print(f"npas-serve: note: {message}", file=sys.stderr)
+
+
+class _Renamed(argparse.Action):
+    """The old spelling of a flag: does the new flag's job (store, or append) and says so once on stderr."""
+
+    def __init__(self, option_strings, dest, new: str, append: bool = False, **kwargs):
+        self.new, self.append = new, append
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        noted = namespace.__dict__.setdefault("_noted", set())
+        if option_string not in noted:
+            noted.add(option_string)
+            _deprecated(f"{option_string} is deprecated; use {self.new}")
+        if self.append:
+            values = [*(getattr(namespace, self.dest) or []), values]
+        setattr(namespace, self.dest, values)
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train all members of a family jointly on one bank",
                        description="Train every member of a family on one shared bank, then evaluate it. "
                                    "Writes a checkpoint (model.safetensors + manifest.json) into --out "
-                                   "after every epoch, so --resume can continue an interrupted run.")
+                                   "after every epoch, so --resume can continue an interrupted run. "
+                                   "On several processes: torchrun --nproc-per-node N -m npas_serve.cli train ...")
     p.add_argument("--family", default="mnist1d-resnet", help="registered family (default: %(default)s)")
-    p.add_argument("--method", default="superweights", help="weight generator (default: %(default)s)")
-    p.add_argument("--method-arg", type=_method_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="a generator option, repeatable, e.g. --method ssn --method-arg down=emb "
-                        "--method-arg up=mask, or --method arbnet --method-arg hash=neighborhood "
-                        "--method-arg spread=2")
+    p.add_argument("--generator", default="superweights",
+                   help="weight generator: superweights, ssn, arbnet (default: %(default)s)")
+    p.add_argument("--method", dest="generator", action=_Renamed, new="--generator", help=argparse.SUPPRESS)
+    p.add_argument("--generator-arg", type=_generator_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="a generator option, repeatable, e.g. --generator ssn --generator-arg down=emb "
+                        "--generator-arg up=mask, or --generator arbnet --generator-arg hash=neighborhood "
+                        "--generator-arg spread=2")
+    p.add_argument("--method-arg", dest="generator_arg", type=_generator_arg, action=_Renamed,
+                   new="--generator-arg", append=True, help=argparse.SUPPRESS)
     p.add_argument("--grouping", default="shape",
                    help="which layers share banks: shape, random, unshared, or searched by a warm-up: "
                         "gradient (SuperWeights), kmeans (SSN) (default: %(default)s)")
@@ -57,8 +82,10 @@ def _add_train(sub) -> None:
                    help="split shared coefficients after this epoch (gradient grouping; default: 5%% "
                         "of --epochs, at least 1; 0 never)")
     p.add_argument("--budget", type=float, default=None,
-                   help="bank size: <= 10 is a fraction of the largest member's shared parameters, "
-                        "larger is a parameter count (default: the family's, e.g. 0.85 for mnist1d-resnet)")
+                   help="bank size as a fraction of the largest member's shared parameters "
+                        "(default: the family's, e.g. 0.85 for mnist1d-resnet)")
+    p.add_argument("--budget-params", type=int, default=None,
+                   help="bank size as a parameter count, instead of --budget")
     p.add_argument("--data", default=None,
                    help="mnist1d, digits, or a path to an .npz with x and y (default: the family's)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of generated data (mnist1d)")
@@ -79,31 +106,42 @@ def _add_train(sub) -> None:
     p.set_defaults(run=_train)
 
 
+def _budget(args: argparse.Namespace) -> tuple[float | None, int | None]:
+    """(fraction, count); the old `--budget N` with N > 10, a count, still works with a note."""
+    if args.budget is not None and math.isfinite(args.budget) and args.budget > 10:
+        if args.budget_params is not None:
+            raise UserError("give --budget or --budget-params, not both")
+        _deprecated(f"--budget {args.budget:g} as a parameter count is deprecated; use --budget-params "
+                    f"{int(args.budget)} (--budget is a fraction of the largest member)")
+        return None, int(args.budget)
+    return args.budget, args.budget_params
+
+
 def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from npas_serve import registry
     from npas_serve.family import FamilySpec
-    from npas_serve.train import TrainConfig, run_training
+    from npas_serve.train import TrainConfig, process_group, run_training, saved_config
 
     registry.lookup("family", args.family)
-    registry.lookup("generator", args.method)
+    registry.lookup("generator", args.generator)
     registry.lookup("grouping", args.grouping)
     if args.resume:
         # continue the run as it was configured; only --epochs may extend it
-        from npas_serve.train import saved_config
-
         cfg = saved_config(args.out)
-        cfg.epochs = args.epochs or cfg.epochs
+        cfg = replace(cfg, epochs=args.epochs or cfg.epochs)
     else:
-        epochs = args.epochs or registry.defaults("family", args.family).get("epochs", 60)
+        epochs = args.epochs or registry.meta("family", args.family).get("epochs", 60)
         cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                           weight_decay=args.weight_decay, schedule=args.schedule,
                           exit_weights=args.exit_weights, seed=args.seed, search_epochs=args.search_epochs,
                           unshare_epoch=args.unshare_epoch)
-    spec = FamilySpec(family=args.family, method=args.method, budget=args.budget, grouping=args.grouping,
-                      seed=args.seed, method_kwargs=dict(args.method_arg))
-    if args.num_classes:
-        spec.family_kwargs["num_classes"] = args.num_classes
-    with _distributed() as (rank, world):
+    budget, budget_params = _budget(args)
+    spec = FamilySpec(family=args.family, family_kwargs={"num_classes": args.num_classes} if args.num_classes else {},
+                      generator=args.generator, generator_kwargs=dict(args.generator_arg), budget=budget,
+                      budget_params=budget_params, grouping=args.grouping, seed=args.seed)
+    with process_group() as (rank, world):
         # run_training validates the data (labels against --num-classes too) before writing anything
         family, manifest = run_training(spec, cfg, args.out, data=args.data, data_seed=args.data_seed,
                                         resume=args.resume, progress=not args.quiet, rank=rank, world=world)
@@ -115,27 +153,6 @@ def _train(args: argparse.Namespace) -> int:
     if not args.no_eval:
         return _evaluate(args.out)
     return 0
-
-
-@contextlib.contextmanager
-def _distributed() -> Iterator[tuple[int, int]]:
-    """Under torchrun (WORLD_SIZE > 1), a gloo process group for the block; otherwise one process.
-
-    gloo because training runs on CPU tensors. The group is left only after every rank
-    got there, so rank 0 finishes its last checkpoint before the others exit.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        yield 0, 1
-        return
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo")
-    try:
-        yield dist.get_rank(), world
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _add_eval(sub) -> None:
@@ -154,9 +171,9 @@ def _evaluate(directory: Path) -> int:
     from npas_serve.evaluate import evaluate, summary_lines, write_report
 
     family, manifest = load_checkpoint(directory)
-    defaults = registry.defaults("family", manifest.spec.family)
+    meta = registry.meta("family", manifest.spec.family)
     dataset = load_dataset(manifest.data, num_classes=manifest.num_classes).with_channels(
-        defaults.get("input_ndim", 1))
+        meta.get("input_ndim", 1))
     report = evaluate(family, manifest, dataset)
     write_report(report, manifest, directory)
     print("\n".join(summary_lines(report)))
@@ -193,7 +210,7 @@ def _add_archive(sub) -> None:
 
 
 def _archive(args: argparse.Namespace) -> int:
-    from npas_serve.archive import build_archive
+    from npas_serve.servers.torchserve.archive import build_archive
 
     target = build_archive(args.dir, args.name, args.model_store, args.version, _engine_config(args))
     print(f"archive -> {target}")
@@ -217,7 +234,7 @@ def _add_serve(sub) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import tempfile
 
-    from npas_serve.archive import extract_archive
+    from npas_serve.servers.torchserve.archive import extract_archive
     from npas_serve.engine import Engine
     from npas_serve.servers.grpc_server import serve
 
@@ -247,12 +264,13 @@ def _add_torchserve(sub) -> None:
 
 
 def _torchserve(args: argparse.Namespace) -> int:
-    from npas_serve.servers import torchserve as ts
+    from npas_serve.servers.torchserve import launcher as ts
+    from npas_serve.servers.torchserve.keys import KEY_FILE
 
     ports = ts.Ports()
     if args.action == "start":
         pid = ts.start(args.model_store, args.name, args.run_dir, args.host, ports, args.dev, args.timeout)
-        auth = "off (--dev)" if args.dev else f"on; inference key in {args.run_dir / ts.KEY_FILE}"
+        auth = "off (--dev)" if args.dev else f"on; inference key in {args.run_dir / KEY_FILE}"
         print(f"TorchServe running (pid {pid}): gRPC {args.host}:{ports.grpc}, "
               f"metrics http://{args.host}:{ports.metrics}/metrics, token auth {auth}")
     elif args.action == "stop":
@@ -287,8 +305,6 @@ def _add_query(sub) -> None:
 
 
 def _query(args: argparse.Namespace) -> int:
-    import json as _json
-
     import numpy as np
 
     from npas_serve.client import Client, ClientError
@@ -307,7 +323,9 @@ def _query(args: argparse.Namespace) -> int:
         x = x[:, None] if x.ndim == 2 else x
     token = args.token
     if token is None and args.token_file is not None:
-        token = _json.loads(args.token_file.read_text())["inference"]["key"]
+        from npas_serve.servers.torchserve.keys import read_key
+
+        token = read_key(args.token_file, "inference")
     knobs = {"mode": "anytime" if args.anytime else "ensemble", "ensemble_size": args.ensemble_size,
              "exit": args.exit, "members": args.members, "latency_budget_ms": args.budget_ms,
              "min_confidence": args.min_confidence}

@@ -18,11 +18,7 @@ import pytest
 from npas_serve.checkpoint import load_checkpoint
 from npas_serve.data import load_dataset
 from npas_serve.evaluate import evaluate, write_report
-from npas_serve.servers import launch
-
-CLI = launch.CLI
-free_port = launch.free_port
-_wait_port = launch.wait_port
+from tests.support import servers as launch
 
 
 @pytest.fixture(scope="session")

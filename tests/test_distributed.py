@@ -1,4 +1,4 @@
-"""Training on several processes: `torchrun -m npas_serve.train` with DistributedDataParallel over gloo.
+"""Training on several processes: `torchrun -m npas_serve.cli train` with DistributedDataParallel over gloo.
 
 Two CPU processes, each given half of every global batch, must train the model one
 process trains on the whole batch. SGD is used for the comparison because it passes
@@ -24,7 +24,7 @@ from torch import nn
 
 from npas_serve.checkpoint import TENSORS
 from npas_serve.family import FamilySpec
-from npas_serve.servers.launch import free_port
+from tests.support.servers import free_port
 from npas_serve.train import TRAIN_META, GlobalBatchNorm, TrainConfig, run_training, sync_batchnorm
 
 TINY = "mnist1d-resnet-tiny"
@@ -48,7 +48,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, even_npz):
 
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "npas_serve.train", *ARGS, "--data", str(even_npz),
+           "--master-port", str(free_port()), "-m", "npas_serve.cli", "train", *ARGS, "--data", str(even_npz),
            "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -25,7 +25,6 @@ WORKDIR /opt/npas
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY proto/ proto/
 COPY npas_serve/ npas_serve/
-COPY handlers/ handlers/
 RUN pip install . && python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 COPY deploy/docker/healthcheck.py deploy/docker/torchserve_config.py /opt/npas/deploy/
 COPY --chown=model-server:model-server model_store/ /home/model-server/model_store/
@@ -38,7 +37,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 USER model-server
 WORKDIR /home/model-server/run
-# config.properties and metrics.yaml come from npas_serve.servers.torchserve; token auth stays on,
+# config.properties and metrics.yaml come from npas_serve.servers.torchserve.launcher; token auth stays on,
 # and TorchServe writes key_file.json here (the healthcheck reads the management key from it)
 RUN python /opt/npas/deploy/torchserve_config.py /home/model-server/run /home/model-server/model_store \
  && mkdir -p logs

@@ -26,7 +26,6 @@ WORKDIR /opt/npas
 COPY pyproject.toml setup.py MANIFEST.in README.md ./
 COPY proto/ proto/
 COPY npas_serve/ npas_serve/
-COPY handlers/ handlers/
 RUN pip install . && python -c "import torch; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__"
 COPY deploy/docker/healthcheck.py deploy/docker/torchserve_config.py /opt/npas/deploy/
 COPY --chown=model-server:model-server model_store/ /home/model-server/model_store/

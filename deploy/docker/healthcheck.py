@@ -18,7 +18,7 @@ MODEL = os.environ.get("NPAS_MODEL", "npas")
 
 
 def torchserve_ready(run_dir: Path) -> bool:
-    from npas_serve.servers.torchserve import Ports, worker_states
+    from npas_serve.servers.torchserve.launcher import Ports, worker_states
 
     return "READY" in worker_states(run_dir, MODEL, Ports())
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from npas_serve.servers.torchserve import Ports, config_properties, metrics_yaml
+from npas_serve.servers.torchserve.launcher import Ports, config_properties, metrics_yaml
 
 
 def write(run_dir: Path, model_store: Path, host: str = "0.0.0.0", token_auth: bool = True) -> Path:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from npas_serve.errors import UserError
+from npas_serve.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,7 @@ def cache_dir() -> Path:
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write next to the target, then rename: a crash never leaves a half-written cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def dump(tmp: str) -> None:
+        with open(tmp, "wb") as f:      # a file object: given a name, np.savez would append .npz
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, dump)

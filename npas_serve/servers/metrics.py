@@ -4,12 +4,13 @@ Both servers emit the same names with the same labels. `ModelName` is the
 model label because TorchServe adds it (and `Level`, `Hostname`) to every
 custom metric by itself; the embedded server uses the same name so one
 Grafana dashboard reads both. The TorchServe metrics YAML is generated from
-this table, because TorchServe only exports metrics declared there.
+this table (`servers/torchserve/launcher.py`), because TorchServe only exports
+metrics declared there.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from npas_serve.engine import Engine, Observation
 
@@ -117,15 +118,3 @@ class TorchServeSink:
         dims += [Dimension(k, str(v)) for k, v in labels.items()]
         self.metrics.add_metric(spec.name, value, spec.unit, None, dims, MetricTypes(spec.kind))
 
-
-def torchserve_metrics_yaml(specs: Sequence[MetricSpec] = METRICS) -> str:
-    """The `model_metrics:` section TorchServe needs to export our metrics (dimensions in emit order)."""
-    lines = ["dimensions:", '  - &model_name "ModelName"', '  - &level "Level"', "", "model_metrics:"]
-    for kind in ("counter", "gauge", "histogram"):
-        chosen = [s for s in specs if s.kind == kind]
-        if chosen:
-            lines.append(f"  {kind}:")
-            for s in chosen:
-                dims = ", ".join(["*model_name", "*level", *s.labels])
-                lines += [f"    - name: {s.name}", f"      unit: {s.unit}", f"      dimensions: [{dims}]"]
-    return "\n".join(lines) + "\n"

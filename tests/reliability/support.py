@@ -1,7 +1,8 @@
-"""Helpers for the reliability tests: raw gRPC calls, a bounded load runner, /proc probes, the figures file.
+"""Helpers for the reliability tests: raw gRPC calls, a mixed workload, /proc probes, the figures file.
 
 Everything here talks to real servers started by tests/serving_fixtures.py,
-over loopback only, and every loop is bounded in count and in time.
+over loopback only, and every loop is bounded in count and in time. The load
+itself is run by tests/support/loadgen.py, which the serving benchmark shares.
 """
 from __future__ import annotations
 
@@ -17,15 +18,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from npas_serve.client import Client, ClientError
 from npas_serve.engine import Engine
 from npas_serve.protocol import inference_pb2, inference_pb2_grpc
 from npas_serve.protocol.response import InferenceResponse
-from npas_serve.servers import torchserve as ts
+from npas_serve.servers.torchserve import launcher as ts
+from npas_serve.servers.torchserve.processes import group_pids as live_group_pids
+from tests.support.loadgen import CALL_TIMEOUT_S, Call
 
 REPORT_ENV = "NPAS_RELIABILITY_REPORT"
 DEFAULT_REPORT = Path(__file__).resolve().parents[2] / "reports" / "reliability.json"
-CALL_TIMEOUT_S = 60.0
 
 
 # -- the figures file -----------------------------------------------------------------------
@@ -93,32 +94,15 @@ def expected_answer(engine: Engine, inputs: np.ndarray, fmt: str = "json", **kno
     return engine.answer(engine.parse({"data": encode_request(inputs, fmt, **knobs)}))
 
 
-# -- bounded load -----------------------------------------------------------------------------
+# -- a mixed workload -------------------------------------------------------------------------
 
-@dataclass
-class Job:
-    request_id: str
-    rows: np.ndarray                # indices into the example pool
-    fmt: str
-    knobs: dict
-
-
-@dataclass
-class Result:
-    job: Job
-    started: float                  # time.monotonic()
-    ended: float
-    answer: InferenceResponse | None = None
-    error: ClientError | None = None
-
-
-def make_jobs(prefix: str, count: int, pool_size: int, num_members: int, num_exits: int, member_names: list[str],
-              seed: int = 0) -> list[Job]:
+def make_jobs(prefix: str, count: int, pool: np.ndarray, num_members: int, num_exits: int,
+              member_names: list[str], seed: int = 0) -> list[Call]:
     """A mixed workload: every ensemble size, explicit members, anytime exits, both payload formats."""
     rng = np.random.default_rng(seed)
     jobs = []
     for i in range(count):
-        rows = rng.choice(pool_size, size=int(rng.integers(1, 17)), replace=False)
+        rows = rng.choice(len(pool), size=int(rng.integers(1, 17)), replace=False)
         kind = int(rng.integers(3))
         if kind == 0:
             knobs = {"ensemble_size": int(rng.integers(1, num_members + 1))}
@@ -128,54 +112,8 @@ def make_jobs(prefix: str, count: int, pool_size: int, num_members: int, num_exi
         else:
             knobs = {"mode": "anytime", "exit": int(rng.integers(num_exits)),
                      "members": [member_names[int(rng.integers(num_members))]]}
-        jobs.append(Job(f"{prefix}-{i:05d}", rows, ("json", "protobuf")[i % 2], knobs))
+        jobs.append(Call(pool[rows], ("json", "protobuf")[i % 2], knobs, f"{prefix}-{i:05d}"))
     return jobs
-
-
-def run_load(server, jobs: list[Job], pool: np.ndarray, clients: int, deadline_s: float,
-             during=None) -> list[Result]:
-    """`clients` threads, each with its own channel, share `jobs`; stops at the deadline.
-
-    `during(results)` runs in the calling thread while the clients work (e.g. to kill a worker).
-    """
-    results: list[Result] = []
-    lock = threading.Lock()
-    queue = list(reversed(jobs))
-    stop_at = time.monotonic() + deadline_s
-
-    def client_loop():
-        with Client(server.target, "npas", token=server.token, timeout=CALL_TIMEOUT_S) as c:
-            while time.monotonic() < stop_at:
-                with lock:
-                    if not queue:
-                        return
-                    job = queue.pop()
-                started = time.monotonic()
-                try:
-                    answer = c.predict(pool[job.rows], fmt=job.fmt, request_id=job.request_id, **job.knobs)
-                    result = Result(job, started, time.monotonic(), answer=answer)
-                except ClientError as err:
-                    result = Result(job, started, time.monotonic(), error=err)
-                with lock:
-                    results.append(result)
-
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    if during is not None:
-        during(results)
-    for t in threads:
-        t.join(timeout=max(0.0, stop_at - time.monotonic()) + CALL_TIMEOUT_S)
-    assert not any(t.is_alive() for t in threads), "load clients still running after the deadline"
-    return list(results)
-
-
-def percentiles_ms(results: list[Result]) -> dict[str, float]:
-    latencies = np.array([(r.ended - r.started) * 1000 for r in results if r.answer is not None])
-    if not len(latencies):
-        return {}
-    return {f"p{q}_ms": round(float(np.percentile(latencies, q)), 2) for q in (50, 95, 99)} | {
-        "max_ms": round(float(latencies.max()), 2)}
 
 
 # -- processes and sockets (/proc) ------------------------------------------------------------
@@ -189,8 +127,7 @@ def cmdline(pid: int) -> list[str]:
 
 def group_pids(pid: int) -> list[int]:
     """Live processes in `pid`'s process group (TorchServe: launcher, java, Python workers)."""
-    pgid = os.getpgid(pid)
-    return [p for p in ts._pids() if ts._pgid_of(p) == pgid and not ts._zombie(p)]
+    return live_group_pids(os.getpgid(pid))
 
 
 def worker_pids(server) -> list[int]:

@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from npas_serve.archive import HANDLER
+from npas_serve.servers.torchserve.archive import HANDLER
 from npas_serve.checkpoint import MANIFEST, TENSORS, sha256_file
 from npas_serve.client import Client
 from tests.reliability.support import (expected_answer, group_pids, is_loopback, listening_sockets, matches,
                                        raw_predict, torchserve_run)
-from tests.serving_fixtures import CLI, running_embedded, running_torchserve
+from tests.serving_fixtures import running_embedded, running_torchserve
+from tests.support.servers import CLI
 
 PY_TRAPS = ("npas_handler.py", "handler.py", "model.py", "__init__.py", "setup.py", "sitecustomize.py",
             "yaml.py", "npas_serve/__init__.py")
@@ -175,7 +176,7 @@ def test_the_cli_refuses_bad_model_files(trained_tiny, tmp_path, command, spoil,
 
 def test_torchserve_refuses_requests_without_the_inference_key(torchserve, pool, figures):
     from npas_serve.protocol.response import encode_request
-    from npas_serve.servers import torchserve as ts
+    from npas_serve.servers.torchserve.keys import run_dir_key
     from tests.reliability.support import http_status
 
     run_dir, ports, _ = torchserve_run(torchserve)
@@ -184,11 +185,11 @@ def test_torchserve_refuses_requests_without_the_inference_key(torchserve, pool,
         "no key": raw_predict(torchserve, good, meta=()).code,
         "wrong key": raw_predict(torchserve, good, meta=(("authorization", "Bearer not-the-key"),)).code,
         "management key": raw_predict(torchserve, good, meta=(
-            ("authorization", f"Bearer {ts.management_token(run_dir)}"),)).code,
+            ("authorization", f"Bearer {run_dir_key(run_dir, 'management')}"),)).code,
         "inference key": raw_predict(torchserve, good).code,
         "management API, no key (HTTP)": http_status(f"http://127.0.0.1:{ports.management}/models"),
         "management API, key (HTTP)": http_status(f"http://127.0.0.1:{ports.management}/models",
-                                                  ts.management_token(run_dir)),
+                                                  run_dir_key(run_dir, "management")),
     }
     figures.put("security", "torchserve_token_auth", codes)
     assert codes["no key"] == codes["wrong key"] == codes["management key"] == "PERMISSION_DENIED", codes

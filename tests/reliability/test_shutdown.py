@@ -16,7 +16,7 @@ import time
 
 from npas_serve.client import Client, ClientError
 from tests.reliability.support import expected_answer, matches
-from tests.serving_fixtures import CLI, _wait_port, free_port
+from tests.support.servers import CLI, free_port, wait_port
 
 STREAMS = 12
 BATCH = 256                     # the largest batch: each member holds the engine for a while
@@ -50,7 +50,7 @@ def test_sigterm_drains_in_flight_streams_then_exits(served_checkpoint, pool, re
 
     threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(STREAMS)]
     try:
-        _wait_port(port, proc)
+        wait_port(port, proc)
         for t in threads:
             t.start()
         for _ in range(STREAMS // 2):

@@ -2,7 +2,8 @@
 
 `initialize` builds the engine from the files packed in the .mar; `handle`
 maps each request of a batch to `Engine.parse` -> `Engine.answers` and back.
-All decisions (planning, validation, uncertainty) are the engine's.
+All decisions (planning, validation, uncertainty) are the engine's. The .mar
+names `npas_handler.py` beside this file, which subclasses `NpasHandler`.
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from ts.utils.util import PredictionException
 from npas_serve.engine import Engine, EngineConfig
 from npas_serve.protocol import RequestError, encode_response
 from npas_serve.servers.metrics import TorchServeSink, record
-
-CONFIG = "npas_config.json"   # written by `npas-serve archive`: model name, cache bound, limits
+from npas_serve.servers.torchserve.archive import CONFIG
 
 
 class NpasHandler(BaseHandler):

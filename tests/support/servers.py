@@ -1,8 +1,9 @@
 """Start the real servers as child processes on free loopback ports, and stop them by PID.
 
-Used by the tests and the benchmarks, which must talk to the servers exactly as
-a user does: `npas-serve serve` in its own process, and TorchServe from a
-freshly built .mar with token auth on.
+Used by the tests (tests/serving_fixtures.py) and the benchmarks (benchmarks/serving.py),
+which must talk to the servers exactly as a user does: `npas-serve serve` in its own
+process, and TorchServe from a freshly built .mar with token auth on. It calls only
+the public API of `npas_serve.servers.torchserve`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from npas_serve.servers import torchserve as ts
+from npas_serve.servers.torchserve import launcher as ts
+from npas_serve.servers.torchserve.archive import build_archive
+from npas_serve.servers.torchserve.keys import run_dir_key
+from npas_serve.servers.torchserve.processes import group_pids
 
 CLI = [sys.executable, "-m", "npas_serve.cli"]
 
@@ -81,8 +85,6 @@ def running_embedded(checkpoint: Path, env: dict[str, str] | None = None) -> Ite
 def running_torchserve(checkpoint: Path, root: Path | None = None,
                        env: dict[str, str] | None = None) -> Iterator[Launched]:
     """A fresh .mar of CHECKPOINT under TorchServe (token auth on); no process may outlive it."""
-    from npas_serve.archive import build_archive
-
     with tempfile.TemporaryDirectory(prefix="npas-ts-") as tmp:
         root = Path(root or tmp)
         build_archive(checkpoint, "npas", root / "model_store")
@@ -91,11 +93,10 @@ def running_torchserve(checkpoint: Path, root: Path | None = None,
         pid = ts.start(root / "model_store", "npas", run_dir, ports=ports, timeout_s=240, env=env)
         try:
             yield Launched("torchserve", f"127.0.0.1:{ports.grpc}", f"http://127.0.0.1:{ports.metrics}/metrics",
-                           ts.inference_token(run_dir), pid, run_dir, ports)
+                           run_dir_key(run_dir, "inference"), pid, run_dir, ports)
         finally:
             pgid = os.getpgid(pid) if ts.running_pid(run_dir) else None
             ts.stop(run_dir)
-            leftover = [] if pgid is None else [p for p in ts._pids() if ts._pgid_of(p) == pgid
-                                                 and not ts._zombie(p)]
+            leftover = [] if pgid is None else group_pids(pgid)
             if leftover:
                 raise RuntimeError(f"TorchServe left processes behind: {leftover}")

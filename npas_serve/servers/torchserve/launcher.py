@@ -21,9 +21,10 @@ from pathlib import Path
 
 from npas_serve.errors import UserError
 from npas_serve.servers.metrics import METRICS
+from npas_serve.servers.torchserve.keys import KEY_FILE, run_dir_key
+from npas_serve.servers.torchserve.processes import group_pids
 
 PID = "torchserve.pid"
-KEY_FILE = "key_file.json"
 
 
 @dataclass
@@ -111,23 +112,9 @@ def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchser
     return proc.pid
 
 
-def management_token(run_dir: Path) -> str | None:
-    path = Path(run_dir) / KEY_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())["management"]["key"]
-
-
-def inference_token(run_dir: Path) -> str | None:
-    path = Path(run_dir) / KEY_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())["inference"]["key"]
-
-
 def worker_states(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> list[str]:
     req = urllib.request.Request(f"http://{host}:{ports.management}/models/{name}")
-    token = management_token(run_dir)
+    token = run_dir_key(run_dir, "management")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     with urllib.request.urlopen(req, timeout=5) as resp:
@@ -144,8 +131,8 @@ def wait_ready(run_dir: Path, name: str, ports: Ports, host: str, timeout_s: flo
         try:
             if "READY" in worker_states(run_dir, name, ports, host):
                 return
-        except (urllib.error.URLError, OSError, ValueError, KeyError):
-            pass   # frontend not up yet, or key file not written yet
+        except (urllib.error.URLError, OSError, ValueError, UserError):
+            pass   # frontend not up yet, or key file not (completely) written yet
         time.sleep(0.5)
     raise UserError(f"no TorchServe worker for '{name}' became READY within {timeout_s:.0f}s; "
                     f"see {run_dir / 'logs' / 'model_log.log'}")
@@ -173,16 +160,17 @@ def stop(run_dir: Path = Path(".torchserve"), timeout_s: float = 60.0) -> bool:
     pgid = os.getpgid(pid)
     os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and group_alive(pgid):
         time.sleep(0.2)
-    if _group_alive(pgid):
+    if group_alive(pgid):
         os.killpg(pgid, signal.SIGKILL)
         time.sleep(0.5)
     (run_dir / PID).unlink(missing_ok=True)
     return True
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether a live process is left in the group (reaping our own zombie launcher on the way)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -192,25 +180,7 @@ def _group_alive(pgid: int) -> bool:
         os.waitpid(-pgid, os.WNOHANG)
     except ChildProcessError:
         pass
-    return any(_pgid_of(p) == pgid and not _zombie(p) for p in _pids())
-
-
-def _pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _pgid_of(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+    return bool(group_pids(pgid))
 
 
 def status(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> str:
@@ -219,6 +189,6 @@ def status(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> s
         return "stopped"
     try:
         states = worker_states(run_dir, name, ports, host)
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, OSError, ValueError, UserError):
         return f"running (pid {pid}), management API not answering"
     return f"running (pid {pid}), workers: {', '.join(states) or 'none'}"

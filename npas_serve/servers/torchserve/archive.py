@@ -1,7 +1,8 @@
 """`npas-serve archive`: pack a checkpoint into model_store/<name>.mar for TorchServe.
 
-The .mar holds the handler from this repository, the checkpoint's tensor file
-and manifest, and the engine config; never code from the checkpoint itself.
+The .mar holds the handler file of this package (`npas_handler.py`, which imports
+the installed handler), the checkpoint's tensor file and manifest, and the engine
+config; never code from the checkpoint itself.
 The checkpoint is verified (sha256, rebuildable family) before anything is written.
 """
 from __future__ import annotations
@@ -18,8 +19,8 @@ from npas_serve.checkpoint import MANIFEST, TENSORS, load_checkpoint
 from npas_serve.engine import EngineConfig
 from npas_serve.errors import UserError
 
-HANDLER = Path(__file__).resolve().parents[1] / "handlers" / "npas_handler.py"
-CONFIG = "npas_config.json"
+HANDLER = Path(__file__).resolve().with_name("npas_handler.py")
+CONFIG = "npas_config.json"   # the engine config in a .mar: model name, cache bound, limits
 MODEL_CONFIG = "model-config.yaml"
 
 
@@ -27,8 +28,6 @@ def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path
                   version: str = "1", config: EngineConfig | None = None, workers: int = 1) -> Path:
     checkpoint, model_store = Path(checkpoint), Path(model_store)
     load_checkpoint(checkpoint)   # refuses a tampered or mismatched checkpoint before packing it
-    if not HANDLER.is_file():
-        raise UserError(f"handler {HANDLER} is missing; run from a full checkout of npas-serve")
     config = config or EngineConfig()
     config.model_name, config.model_version = name, version
     model_store.mkdir(parents=True, exist_ok=True)

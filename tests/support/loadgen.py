@@ -1,0 +1,114 @@
+"""A bounded, threaded gRPC load: the one runner of the reliability tests and the serving benchmark.
+
+`clients` threads, each with its own channel (`npas_serve.client.Client`), share one
+queue of calls. A run is bounded by the number of calls and, optionally, by a deadline;
+it can be paced (call i leaves at t0 + i / rate) and can give every call a latency
+budget with the matching absolute deadline, so time queued anywhere counts.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from npas_serve.client import Client
+from npas_serve.protocol.response import InferenceResponse
+
+CALL_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Call:
+    inputs: np.ndarray
+    fmt: str = "json"
+    knobs: dict = field(default_factory=dict)
+    request_id: str | None = None
+
+
+@dataclass
+class Result:
+    call: Call
+    started: float                  # time.monotonic()
+    ended: float
+    answer: InferenceResponse | None = None
+    error: Exception | None = None  # a ClientError, or whatever else ended the call
+
+    @property
+    def latency_ms(self) -> float:
+        return (self.ended - self.started) * 1000
+
+
+@dataclass
+class Run:
+    results: list[Result]           # in completion order
+    wall_s: float
+
+    @property
+    def answered(self) -> list[Result]:
+        return [r for r in self.results if r.answer is not None]
+
+    @property
+    def failed(self) -> list[Result]:
+        return [r for r in self.results if r.error is not None]
+
+
+def run_load(target: str, token: str | None, calls: Sequence[Call], clients: int, *, model_name: str = "npas",
+             deadline_s: float | None = None, rate_per_s: float | None = None, budget_ms: float | None = None,
+             during: Callable[[list[Result]], None] | None = None,
+             call_timeout_s: float = CALL_TIMEOUT_S) -> Run:
+    """Send every call (or as many as `deadline_s` allows) from `clients` threads.
+
+    `during(results)` runs in the calling thread while the clients work (e.g. to kill a
+    worker); `results` is the live list the clients append to.
+    """
+    results: list[Result] = []
+    lock = threading.Lock()
+    todo = iter(enumerate(calls))
+    stop_at = None if deadline_s is None else time.monotonic() + deadline_s
+    t0 = time.monotonic()
+
+    def client_loop():
+        with Client(target, model_name, token=token, timeout=call_timeout_s) as client:
+            while stop_at is None or time.monotonic() < stop_at:
+                with lock:
+                    i, call = next(todo, (None, None))
+                if call is None:
+                    return
+                if rate_per_s is not None:
+                    time.sleep(max(0.0, t0 + i / rate_per_s - time.monotonic()))
+                extra = {} if budget_ms is None else {
+                    "latency_budget_ms": round(budget_ms, 3),
+                    "deadline_unix_ms": round(time.time() * 1000 + budget_ms, 3)}
+                if call.request_id is not None:
+                    extra["request_id"] = call.request_id
+                started = time.monotonic()
+                try:
+                    answer = client.predict(call.inputs, fmt=call.fmt, **call.knobs, **extra)
+                    result = Result(call, started, time.monotonic(), answer=answer)
+                except Exception as err:        # counted, not fatal: the caller judges the run
+                    result = Result(call, started, time.monotonic(), error=err)
+                with lock:
+                    results.append(result)
+
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    if during is not None:
+        during(results)
+    for t in threads:
+        t.join(None if stop_at is None else max(0.0, stop_at - time.monotonic()) + call_timeout_s)
+    if any(t.is_alive() for t in threads):
+        raise RuntimeError("load clients still running after the deadline")
+    return Run(list(results), time.monotonic() - t0)
+
+
+def percentiles_ms(results: Sequence[Result]) -> dict[str, float]:
+    """p50/p95/p99/max client latency of the answered calls."""
+    latencies = np.array([r.latency_ms for r in results if r.answer is not None])
+    if not len(latencies):
+        return {}
+    return {f"p{q}_ms": round(float(np.percentile(latencies, q)), 2) for q in (50, 95, 99)} | {
+        "max_ms": round(float(latencies.max()), 2)}
