@@ -45,7 +45,7 @@ SPREAD_SMALL, SPREAD_LARGE = 2.0, 500.0     # Neighborhood hash spread, in table
 @dataclass(frozen=True)
 class Method:
     name: str
-    method: str
+    generator: str
     grouping: str = "shape"
     kwargs: dict[str, Any] = field(default_factory=dict)
     budget_free: bool = False     # trained once per seed, not per budget
@@ -74,20 +74,20 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from npas_serve.train import TrainConfig, run_training
 
     family_name = DATASETS[job["dataset"]]
-    budget = job["budget"]
+    budget, budget_params = job["budget"], None
     if budget is None:     # unshared: a bank exactly the size of all members together
         probe = build_family(FamilySpec(family=family_name, family_kwargs={"num_classes": 10, "in_channels": 1}))
-        budget = float(sum(probe.member_shared_numel()))
-    spec = FamilySpec(family=family_name, method=job["method"], method_kwargs=dict(job["kwargs"]),
-                      budget=budget, grouping=job["grouping"], seed=job["seed"])
+        budget_params = sum(probe.member_shared_numel())
+    spec = FamilySpec(family=family_name, generator=job["generator"], generator_kwargs=dict(job["kwargs"]),
+                      budget=budget, budget_params=budget_params, grouping=job["grouping"], seed=job["seed"])
     cfg = TrainConfig(epochs=job["epochs"], seed=job["seed"], search_epochs=job.get("search_epochs"))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         family, manifest = run_training(spec, cfg, Path(tmp) / "run", data=job["data"], progress=False)
     train_s = time.perf_counter() - started
-    from npas_serve.registry import defaults
+    from npas_serve.registry import meta
 
-    dataset = load_dataset(job["data"], num_classes=10).with_channels(defaults("family", family_name)["input_ndim"])
+    dataset = load_dataset(job["data"], num_classes=10).with_channels(meta("family", family_name)["input_ndim"])
     report = evaluate(family, manifest, dataset)
     last = max(e.exit for e in report.exits)
     finals = [e for e in report.exits if e.exit == last]
@@ -111,7 +111,7 @@ def jobs_for(datasets, budgets, seeds, epochs: dict[str, int], data: dict[str, s
         for dataset in datasets:
             for m in METHODS:
                 for budget in ([None] if m.budget_free else budgets):
-                    jobs.append({"dataset": dataset, "data": data[dataset], "label": m.name, "method": m.method,
+                    jobs.append({"dataset": dataset, "data": data[dataset], "label": m.name, "generator": m.generator,
                                  "grouping": m.grouping, "kwargs": m.kwargs, "budget": budget, "seed": seed,
                                  "epochs": epochs[dataset], "search_epochs": search_epochs})
     return jobs
@@ -188,7 +188,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             if pts:
                 ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
                             marker="o", ms=3, capsize=2, label=m.name,
-                            ls="-" if m.method == "superweights" else "--" if m.method == "ssn" else ":")
+                            ls="-" if m.generator == "superweights" else "--" if m.generator == "ssn" else ":")
             free = [r for r in mine if r["method"] == m.name and r["budget"] is None]
             if free:
                 ax.axhline(free[0]["ensemble_nll"], color="k", lw=1, label=f"{m.name} (all members' size)")

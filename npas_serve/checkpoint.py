@@ -56,10 +56,10 @@ class Manifest:
             raise UserError(f"manifest lacks {sorted(missing)}")
         try:
             d = {k: v for k, v in d.items() if k in names}
-            d["spec"] = FamilySpec(**d["spec"])
+            d["spec"] = FamilySpec.from_dict(d["spec"])   # reads manifests of older versions too
             d["normalisation"] = Normalisation(**d["normalisation"])
             return cls(**d)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise UserError(f"manifest is malformed: {err}") from None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -45,28 +45,48 @@ class Member(nn.Module):
         return logits
 
 
-@dataclass
+@dataclass(frozen=True)
 class FamilySpec:
-    """Everything needed to rebuild a family; stored verbatim in the checkpoint manifest."""
+    """Everything needed to rebuild a family; stored verbatim in the checkpoint manifest.
+
+    A value: nothing changes it after it is made. `build_family` returns the
+    complete spec (budget and groups resolved) as `Family.spec`, and a training
+    run builds its final spec once, from the user's and the search's results.
+    """
 
     family: str = "mnist1d-resnet"
     family_kwargs: dict[str, Any] = field(default_factory=dict)
-    method: str = "superweights"
-    method_kwargs: dict[str, Any] = field(default_factory=dict)
-    budget: float | None = None  # <= 10: fraction of the largest member's shared params; else a count.
-                                 # None: the family's registered default
+    generator: str = "superweights"
+    generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    budget: float | None = None         # a fraction of the largest member's shared parameters
+    budget_params: int | None = None    # or a parameter count; neither: the family's registered budget
     grouping: str = "shape"
-    groups: list[int] | None = None   # resolved grouping (filled in by build_family)
+    groups: list[int] | None = None     # the resolved grouping; None: computed from `grouping`
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FamilySpec":
+        """A spec from a manifest, including those written before "method" became "generator"
+        and before a count moved from `budget` (then: a count when above 10) to `budget_params`."""
+        d = dict(d)
+        for old, new in (("method", "generator"), ("method_kwargs", "generator_kwargs")):
+            if old in d:
+                d.setdefault(new, d.pop(old))
+        budget = d.get("budget")
+        if isinstance(budget, (int, float)) and budget > 10 and d.get("budget_params") is None:
+            d["budget"], d["budget_params"] = None, int(budget)
+        return cls(**d)
+
 
 class Family(nn.Module):
-    def __init__(self, members: Sequence[Member], names: Sequence[str], method: str = "superweights",
-                 budget: float = 1.0, grouping: str = "shape", groups: Sequence[int] | None = None,
-                 seed: int = 0, method_kwargs: dict[str, Any] | None = None):
+    spec: FamilySpec | None = None    # set by `build_family`: the complete spec it was built from
+
+    def __init__(self, members: Sequence[Member], names: Sequence[str], generator: str = "superweights",
+                 budget: float | None = 1.0, grouping: str = "shape", groups: Sequence[int] | None = None,
+                 seed: int = 0, generator_kwargs: dict[str, Any] | None = None, budget_params: int | None = None):
         super().__init__()
         _family_checks(members, names)
         self.names = list(names)
@@ -78,17 +98,18 @@ class Family(nn.Module):
             self._collect(m, member)
         if not self.slots:
             raise UserError("no member has a Conv1d, Conv2d or Linear layer to share")
-        self.budget_params = resolve_budget(budget, self.member_shared_numel())
+        self.budget_params = resolve_budget(self.member_shared_numel(), budget, budget_params)
         if groups is None:
-            if registry.defaults("grouping", grouping).get("trains"):
+            if registry.meta("grouping", grouping).get("trains"):
                 raise UserError(f"grouping {grouping!r} is searched by training: train with "
                                 f"`npas-serve train --grouping {grouping}` (run_training), or pass its groups")
             groups = registry.create("grouping", grouping, self.slots, seed=seed)
         try:
             self.generator: WeightGenerator = registry.create(
-                "generator", method, self.slots, list(groups), self.budget_params, **(method_kwargs or {}))
-        except TypeError as err:    # an option the generator does not take (e.g. a mistyped --method-arg)
-            raise UserError(f"method {method!r} cannot take options {sorted(method_kwargs or {})}: {err}") from None
+                "generator", generator, self.slots, list(groups), self.budget_params, **(generator_kwargs or {}))
+        except TypeError as err:    # an option the generator does not take (e.g. a mistyped --generator-arg)
+            raise UserError(f"generator {generator!r} cannot take options {sorted(generator_kwargs or {})}: "
+                            f"{err}") from None
 
     def _collect(self, m: int, member: Member) -> None:
         layers: list[list[SharedLayer]] = [[] for _ in member.stages]
@@ -140,13 +161,19 @@ class Family(nn.Module):
             for layer in layers:
                 layer.__dict__["weight"] = None
 
+    def run_stage(self, member: int, stage: int, x: torch.Tensor,
+                  weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """One stage of one member with its weights bound (generated now unless given): the one
+        place a member runs with generated weights; exits, evaluation and the engine all call it."""
+        with self.bound(member, stage, weights):
+            return self.members[member].stages[stage](x)
+
     def iter_exits(self, x: torch.Tensor, member: int, upto: int | None = None) -> Iterator[torch.Tensor]:
         """Logits of each exit in turn; later exits reuse the earlier stages' activations."""
         mod = self.members[member]
         last = mod.num_exits - 1 if upto is None else upto
         for e in range(last + 1):
-            with self.bound(member, e):
-                x = mod.stages[e](x)
+            x = self.run_stage(member, e, x)
             yield mod.heads[e](x)
 
     def forward(self, x: torch.Tensor, members: Sequence[int] | None = None) -> list[list[torch.Tensor]]:
@@ -165,21 +192,33 @@ class Family(nn.Module):
         return plain
 
 
-def resolve_budget(budget: float, member_numel: Sequence[int]) -> int:
-    """A budget <= 10 is a fraction of the largest member's shared parameters; above, a count."""
+def resolve_budget(member_numel: Sequence[int], budget: float | None = None,
+                   budget_params: int | None = None) -> int:
+    """The bank's parameter count: `budget` as a fraction of the largest member's shared
+    parameters, or `budget_params` as a count; exactly one of them."""
+    if (budget is None) == (budget_params is None):
+        raise UserError(f"give a budget as a fraction or as a parameter count, not "
+                        f"{'both' if budget is not None else 'neither'} (got {budget} and {budget_params})")
+    if budget_params is not None:
+        if isinstance(budget_params, bool) or not isinstance(budget_params, int) or budget_params < 1:
+            raise UserError(f"budget_params must be a whole number of parameters >= 1, got {budget_params}")
+        return budget_params
     if not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise UserError(f"budget must be a finite number > 0 (a fraction of the largest member, "
-                        f"or a parameter count), got {budget}")
-    params = int(budget * max(member_numel)) if budget <= 10 else int(budget)
+        raise UserError(f"budget must be a finite fraction > 0 of the largest member's shared parameters, "
+                        f"got {budget}")
+    params = int(budget * max(member_numel))
     if params < 1:
         raise UserError(f"budget {budget} leaves no parameter to build a layer")
     return params
 
 
-def share(models: Sequence[nn.Module], budget: float = 1.0, method: str = "superweights",
+def share(models: Sequence[nn.Module], budget: float | None = None, generator: str = "superweights",
           grouping: str = "shape", names: Sequence[str] | None = None, seed: int = 0,
-          **method_kwargs: Any) -> Family:
-    """Turn ordinary modules into one family drawing on one bank under `budget`.
+          budget_params: int | None = None, **generator_kwargs: Any) -> Family:
+    """Turn ordinary modules into one family drawing on one bank.
+
+    The bank holds `budget` times the largest member's shared parameters (default 1.0),
+    or `budget_params` parameters.
 
     Every Conv1d/Conv2d/Linear is replaced, on its parent module, by its shared
     twin; other layers stay private to their model. A model that is already a
@@ -188,6 +227,7 @@ def share(models: Sequence[nn.Module], budget: float = 1.0, method: str = "super
     Example:
         >>> family = share([small_cnn(), big_cnn()], budget=0.5)
         >>> logits = family(x)[1][-1]    # member 1, last exit
+        >>> family = share([small_cnn(), big_cnn()], budget_params=200_000)
     """
     members = []
     for model in models:
@@ -202,20 +242,23 @@ def share(models: Sequence[nn.Module], budget: float = 1.0, method: str = "super
                 model = shared
         members.append(model if isinstance(model, Member) else Member([model], [nn.Identity()]))
     names = list(names) if names is not None else [f"m{i}" for i in range(len(members))]
-    return Family(members, names, method=method, budget=budget, grouping=grouping, seed=seed,
-                  method_kwargs=method_kwargs)
+    if budget is None and budget_params is None:
+        budget = 1.0
+    return Family(members, names, generator=generator, budget=budget, budget_params=budget_params,
+                  grouping=grouping, seed=seed, generator_kwargs=generator_kwargs)
 
 
 def build_family(spec: FamilySpec) -> Family:
-    """The family a spec describes; fills in `spec.groups` the first time."""
-    if spec.budget is None:
-        spec.budget = registry.defaults("family", spec.family).get("budget", 1.0)
+    """The family a spec describes; `family.spec` is the spec with its budget and groups resolved."""
+    budget = spec.budget
+    if budget is None and spec.budget_params is None:
+        budget = registry.meta("family", spec.family).get("budget", 1.0)
     torch.manual_seed(spec.seed)
     built = registry.create("family", spec.family, **spec.family_kwargs)
-    family = Family(built.members, built.names, method=spec.method, budget=spec.budget,
-                    grouping=spec.grouping, groups=spec.groups, seed=spec.seed,
-                    method_kwargs=spec.method_kwargs)
-    spec.groups = list(family.generator.groups)
+    family = Family(built.members, built.names, generator=spec.generator, budget=budget,
+                    budget_params=spec.budget_params, grouping=spec.grouping, groups=spec.groups,
+                    seed=spec.seed, generator_kwargs=spec.generator_kwargs)
+    family.spec = replace(spec, budget=budget, groups=list(family.generator.groups))
     return family
 
 

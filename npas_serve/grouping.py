@@ -6,7 +6,8 @@ SuperWeights search (kernel shape and depth position); `random` keeps the
 same number of groups per kernel shape but assigns layers at random, as a
 control for the searched groupings; `unshared` gives every layer its own bank
 (with a budget of the members' total size, an independent ensemble).
-Groupings that need training (`gradient`, `kmeans`) live in `npas_serve.search`.
+Groupings that need training (`gradient`, `kmeans`) live in the training package, which
+registers them when imported (`import npas_serve.train`).
 """
 from __future__ import annotations
 
@@ -54,7 +55,3 @@ def random_groups(slots: Sequence[Slot], depth_bins: int = 3, seed: int = 0) -> 
 def unshared_groups(slots: Sequence[Slot], seed: int = 0) -> list[int]:
     """Every layer its own group: nothing is shared between layers or members."""
     return list(range(len(slots)))
-
-
-# the searched groupings register themselves too; imported last, as they build on this module
-from npas_serve import search  # noqa: E402,F401

@@ -23,35 +23,36 @@ class UnknownNameError(UserError):
     """A name that no registered piece answers to."""
 
 
-def register(kind: str, name: str, **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `fn` under `name`; `defaults` are metadata such as a family's default data."""
+def register(kind: str, name: str, **meta: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `fn` under `name`; `meta` describes it (a family's default data and input rank,
+    whether a grouping trains), for callers to read with `meta(kind, name)`."""
     if kind not in _REGISTRY:
         raise ValueError(f"unknown registry kind {kind!r}; known: {', '.join(KINDS)}")
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY[kind]:
             raise ValueError(f"{kind} {name!r} is registered twice")
-        fn.registry_defaults = dict(defaults)
+        fn.registry_meta = dict(meta)
         _REGISTRY[kind][name] = fn
         return fn
 
     return decorator
 
 
-def register_generator(name: str, **defaults: Any):
-    return register("generator", name, **defaults)
+def register_generator(name: str, **meta: Any):
+    return register("generator", name, **meta)
 
 
-def register_grouping(name: str, **defaults: Any):
-    return register("grouping", name, **defaults)
+def register_grouping(name: str, **meta: Any):
+    return register("grouping", name, **meta)
 
 
-def register_family(name: str, **defaults: Any):
-    return register("family", name, **defaults)
+def register_family(name: str, **meta: Any):
+    return register("family", name, **meta)
 
 
-def register_dataset(name: str, **defaults: Any):
-    return register("dataset", name, **defaults)
+def register_dataset(name: str, **meta: Any):
+    return register("dataset", name, **meta)
 
 
 def names(kind: str, pattern: str = "*") -> list[str]:
@@ -65,8 +66,9 @@ def lookup(kind: str, name: str) -> Callable[..., Any]:
         raise UnknownNameError(f"unknown {kind} {name!r}; known: {', '.join(names(kind))}") from None
 
 
-def defaults(kind: str, name: str) -> dict[str, Any]:
-    return dict(lookup(kind, name).registry_defaults)
+def meta(kind: str, name: str) -> dict[str, Any]:
+    """A copy of what `name` was registered with, so callers cannot change it."""
+    return dict(lookup(kind, name).registry_meta)
 
 
 def create(kind: str, name: str, *args: Any, **kwargs: Any) -> Any:

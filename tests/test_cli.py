@@ -37,12 +37,48 @@ def test_unknown_family(out, good_npz):
 
 @pytest.mark.parametrize("budget, words", [
     ("0", ["budget"]), ("-1", ["budget"]), ("nan", ["budget"]), ("inf", ["budget"]),
-    ("11", ["budget of 11 parameters is too small"]),
 ])
 def test_bad_budget(out, good_npz, budget, words):
     result = npas("train", "--family", TINY, "--data", good_npz, f"--budget={budget}", "--out", out)
     assert_user_error(result, *words)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("count, words", [
+    ("11", ["budget of 11 parameters is too small"]), ("0", ["budget_params", ">= 1"]),
+])
+def test_bad_budget_params(out, good_npz, count, words):
+    result = npas("train", "--family", TINY, "--data", good_npz, f"--budget-params={count}", "--out", out)
+    assert_user_error(result, *words)
+    assert not out.exists()
+
+
+def test_budget_and_budget_params_together_are_refused(out, good_npz):
+    result = npas("train", "--family", TINY, "--data", good_npz, "--budget", "0.5", "--budget-params", "5000",
+                  "--out", out)
+    assert_user_error(result, "not both")
+    assert not out.exists()
+
+
+def test_the_old_budget_count_still_works_with_a_note(out, good_npz):
+    """`--budget N` with N > 10 was a parameter count; it still is, with a note naming --budget-params."""
+    result = npas("train", "--family", TINY, "--data", good_npz, "--budget=11", "--out", out)
+    assert result.returncode == 2, result.stderr
+    note, error = result.stderr.splitlines()
+    assert note.startswith("npas-serve: note: --budget 11 as a parameter count is deprecated")
+    assert "--budget-params 11" in note
+    assert error.startswith("npas-serve: error: ") and "budget of 11 parameters is too small" in error
+    assert not out.exists()
+
+
+def test_budget_params_sets_the_bank_size(out, good_npz):
+    result = npas("train", "--family", TINY, "--data", good_npz, "--epochs", "1", "--budget-params", "3000",
+                  "--quiet", "--no-eval", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["budget_params"] == 3000
+    assert (manifest["spec"]["budget"], manifest["spec"]["budget_params"]) == (None, 3000)
 
 
 def test_missing_npz(out, tmp_path):
@@ -77,7 +113,8 @@ def test_help_explains_the_commands():
     assert "train" in result.stdout and "eval" in result.stdout and "bank" in result.stdout
     result = npas("train", "--help")
     assert result.returncode == 0
-    for flag in ("--family", "--method", "--budget", "--data", "--out", "--resume", "--num-classes"):
+    for flag in ("--family", "--generator", "--generator-arg", "--budget", "--budget-params", "--data", "--out",
+                 "--resume", "--num-classes"):
         assert flag in result.stdout
 
 

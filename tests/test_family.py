@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -41,7 +42,7 @@ def test_forward_gives_every_exit_of_every_member(tiny, x):
 def _regions(family: Family) -> list[list[tuple[int, int, int, int]]]:
     """Per bank, the (row0, row1, col0, col1) blocks its pieces fill in the group's widest weight.
 
-    The spec of SuperWeights composition (docs/methods.md, SuperWeights): width 0 is the smallest
+    The spec of SuperWeights composition (docs/methods.md#superweights): width 0 is the smallest
     shape; width w adds the extra input channels of the previous rows, then the
     extra output channels across all inputs. A layer's weight is the leading block.
     """
@@ -187,16 +188,26 @@ def test_bad_budgets_raise_user_error(budget):
 
 def test_budget_too_small_to_build_a_layer_raises_user_error():
     with pytest.raises(UserError, match="too small"):
-        share([Block(), Wide()], budget=11)      # > 10: a count of 11 parameters
+        share([Block(), Wide()], budget_params=11)
     with pytest.raises(UserError, match="budget"):
         share([Block(), Wide()], budget=1e-6)    # a fraction that rounds to no parameter
 
 
 def test_budget_fraction_and_count():
-    family = share([Block(), Wide()], budget=2000)
+    family = share([Block(), Wide()], budget_params=2000)
     assert family.budget_params == 2000 and family.generator.bank_numel() <= 2000
     family = share([Block(), Wide()], budget=0.25)
     assert family.budget_params == int(0.25 * max(family.member_shared_numel()))
+    family = share([Block(), Wide()], budget=20)      # a fraction, however large: no magic switch to a count
+    assert family.budget_params == 20 * max(family.member_shared_numel())
+    assert share([Block(), Wide()]).budget_params == max(family.member_shared_numel())   # default: 1.0
+
+
+@pytest.mark.parametrize("kwargs", [{"budget": 0.5, "budget_params": 2000}, {"budget_params": 0.5},
+                                    {"budget_params": 0}, {"budget_params": True}])
+def test_budget_as_fraction_or_count_not_both_and_a_count_is_whole(kwargs):
+    with pytest.raises(UserError, match="budget"):
+        share([Block(), Wide()], **kwargs)
 
 
 def test_models_without_shareable_layers_are_refused():
@@ -211,11 +222,16 @@ def test_members_with_different_exit_counts_are_refused():
         share([one, two])
 
 
-def test_build_family_is_seeded_and_fills_in_groups():
+def test_build_family_is_seeded_and_resolves_its_spec_without_changing_it():
     spec = FamilySpec(family=TINY, family_kwargs={"num_classes": 10, "in_channels": 1}, seed=3)
     a = build_family(spec)
-    assert spec.groups is not None and len(spec.groups) == len(a.slots)
-    assert spec.budget == 0.5     # the family's registered default
+    assert a.spec.groups is not None and len(a.spec.groups) == len(a.slots)
+    assert a.spec.budget == 0.5     # the family's registered default
+    assert spec.groups is None and spec.budget is None                    # the caller's spec is a value
+    assert a.spec == dataclasses.replace(spec, budget=0.5, groups=a.spec.groups)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.groups = [0]
+    assert build_family(a.spec).spec == a.spec                             # a complete spec rebuilds itself
     b = build_family(FamilySpec(family=TINY, family_kwargs={"num_classes": 10, "in_channels": 1}, seed=3))
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
@@ -244,3 +260,13 @@ def test_family_learns_a_trivial_task():
         acc = [(exits[-1].argmax(1) == y).float().mean().item() for exits in family(x)]
     assert min(acc) > 0.9, acc
     assert F.cross_entropy(family(x)[0][-1], y).item() < 0.5
+
+
+def test_a_spec_of_an_older_manifest_reads_method_as_generator_and_a_large_budget_as_a_count():
+    old = {"family": TINY, "family_kwargs": {}, "method": "ssn", "method_kwargs": {"down": "emb"},
+           "budget": 5000.0, "grouping": "shape", "groups": None, "seed": 0}
+    spec = FamilySpec.from_dict(old)
+    assert (spec.generator, spec.generator_kwargs) == ("ssn", {"down": "emb"})
+    assert (spec.budget, spec.budget_params) == (None, 5000)
+    assert FamilySpec.from_dict({**old, "budget": 0.5}).budget == 0.5
+    assert FamilySpec.from_dict(spec.to_dict()) == spec

@@ -51,14 +51,26 @@ def test_registering_a_name_twice_fails(monkeypatch):
     assert registry.lookup("generator", "test-twice") is first
 
 
-def test_registry_defaults_carry_family_metadata():
-    assert registry.defaults("family", "mnist1d-resnet")["data"] == "mnist1d"
-    assert registry.defaults("family", "digits-cnn")["input_ndim"] == 2
-    # a copy: callers cannot change the registered defaults
-    registry.defaults("family", "mnist1d-resnet")["data"] = "x"
-    assert registry.defaults("family", "mnist1d-resnet")["data"] == "mnist1d"
+def test_registry_meta_describes_what_was_registered():
+    assert registry.meta("family", "mnist1d-resnet")["data"] == "mnist1d"
+    assert registry.meta("family", "digits-cnn")["input_ndim"] == 2
+    # a copy: callers cannot change what was registered
+    registry.meta("family", "mnist1d-resnet")["data"] = "x"
+    assert registry.meta("family", "mnist1d-resnet")["data"] == "mnist1d"
+
+
+def test_the_training_package_registers_the_searched_groupings():
+    import npas_serve.train  # noqa: F401
+
+    assert registry.meta("grouping", "gradient") == {"trains": True}
+    assert registry.meta("grouping", "kmeans") == {"trains": True}
 
 
 def test_scratch_registrations_do_not_leak():
-    assert "test-defaults-probe" not in registry.names("family")
-    assert "test-twice" not in registry.names("generator")
+    with pytest.MonkeyPatch.context() as mp:
+        _scratch(mp, "family")
+        registry.register("family", "test-scratch-probe", data="x")(lambda: None)
+        assert "test-scratch-probe" in registry.names("family")
+    assert "test-scratch-probe" not in registry.names("family")
+    with pytest.raises(UserError, match="test-scratch-probe"):
+        registry.lookup("family", "test-scratch-probe")

@@ -1,5 +1,6 @@
 """The gradient grouping search, SSN's k-means groups and SuperWeights' coefficient unsharing."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,8 +11,9 @@ from npas_serve.errors import UserError
 from npas_serve.family import Family, FamilySpec, build_family
 from npas_serve.generators.base import Slot
 from npas_serve.generators.superweights import SuperWeights
-from npas_serve.search import cropped_cosine, merge_by_gradient, slot_gradients, unshare_coefficients
-from npas_serve.train import TrainConfig, follow_grown_parameters, make_optimizer, run_training
+from npas_serve.train import (SearchResult, TrainConfig, follow_grown_parameters, run_training,
+                              unshare_coefficients)
+from npas_serve.train.gradient import cropped_cosine, merge_by_gradient, slot_gradients
 
 TINY = dict(family="mnist1d-resnet-tiny", family_kwargs={"num_classes": 3, "in_channels": 1})
 
@@ -88,27 +90,30 @@ def test_slot_gradients_are_the_gradients_of_the_generated_weights():
 
 def test_unsharing_is_a_no_op_without_shared_coefficients():
     fam = build_family(FamilySpec(**TINY))
-    spec = FamilySpec(**TINY)
-    assert unshare_coefficients(fam, spec, torch.randn(8, 1, 40), torch.zeros(8, dtype=torch.long),
-                                TrainConfig(epochs=1, batch_size=4)) == {}
+    before = {k: v.clone() for k, v in fam.state_dict().items()}
+    assert unshare_coefficients(fam, torch.randn(8, 1, 40), torch.zeros(8, dtype=torch.long),
+                                TrainConfig(epochs=1, batch_size=4)) is None
+    after = fam.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_searched_groupings_need_training():
     fam = build_family(FamilySpec(**TINY))
     with pytest.raises(UserError, match="searched by training"):
         Family(fam.members, fam.names, grouping="gradient")
-    assert registry.defaults("grouping", "gradient")["trains"]
-    assert registry.defaults("grouping", "kmeans")["trains"]
+    assert registry.meta("grouping", "gradient")["trains"]
+    assert registry.meta("grouping", "kmeans")["trains"]
+    assert not registry.meta("grouping", "shape").get("trains")
 
 
 def test_unshared_grouping_gives_every_layer_its_own_bank():
-    fam = build_family(FamilySpec(**TINY, grouping="unshared", budget=float(10**6)))
+    fam = build_family(FamilySpec(**TINY, grouping="unshared", budget_params=10**6))
     assert fam.generator.groups == list(range(len(fam.slots)))
 
 
 @pytest.mark.parametrize("method,grouping", [("superweights", "gradient"), ("ssn", "kmeans")])
 def test_searched_training_saves_groups_that_rebuild_the_checkpoint(tmp_path, small_npz, method, grouping):
-    spec = FamilySpec(family="mnist1d-resnet-tiny", method=method, grouping=grouping, budget=1.0)
+    spec = FamilySpec(family="mnist1d-resnet-tiny", generator=method, grouping=grouping, budget=1.0)
     cfg = TrainConfig(epochs=3, search_epochs=1, unshare_epoch=1)
     family, manifest = run_training(spec, cfg, tmp_path / "run", data=str(small_npz), progress=False)
     groups = manifest.spec.groups
@@ -117,10 +122,40 @@ def test_searched_training_saves_groups_that_rebuild_the_checkpoint(tmp_path, sm
         kernels.setdefault(g, set()).add(s.kernel)
     assert all(len(k) == 1 for k in kernels.values())           # groups never mix kernel shapes
     if method == "superweights":
-        ids = manifest.spec.method_kwargs["coefficient_ids"]
+        ids = manifest.spec.generator_kwargs["coefficient_ids"]
         assert len(set(ids)) > len(set(groups))                 # unsharing split some classes
     loaded, _ = load_checkpoint(tmp_path / "run")
     x = torch.randn(4, 1, 40)
     with torch.no_grad():
         for a, b in zip(family.eval()(x), loaded(x)):
             torch.testing.assert_close(a[-1], b[-1])
+
+
+@pytest.mark.parametrize("generator,grouping", [("superweights", "gradient"), ("ssn", "kmeans")])
+def test_the_manifest_holds_the_spec_the_search_produced(tmp_path, small_npz, monkeypatch, generator, grouping):
+    """The spec is built once from the user's spec and the search's result; nothing changes it later
+    (unsharing is off here: it is the one step that refines the spec mid-run)."""
+    found = []
+    search = registry.lookup("grouping", grouping)
+
+    def recording(*args):
+        found.append(search(*args))
+        return found[-1]
+
+    meta = registry.meta("grouping", grouping)
+    others = {name: fn for name, fn in registry._REGISTRY["grouping"].items() if name != grouping}
+    monkeypatch.setitem(registry._REGISTRY, "grouping", others)        # restored after the test
+    registry.register("grouping", grouping, **meta)(recording)
+    spec = FamilySpec(family="mnist1d-resnet-tiny", generator=generator, generator_kwargs={"max_templates": 4}
+                      if generator == "superweights" else {}, grouping=grouping, budget=1.0)
+    family, manifest = run_training(spec, TrainConfig(epochs=2, search_epochs=1, unshare_epoch=0),
+                                    tmp_path / "run", data=str(small_npz), progress=False)
+    [result] = found
+    assert isinstance(result, SearchResult)
+    expected = dataclasses.replace(spec, family_kwargs={"num_classes": 3, "in_channels": 1}, groups=result.groups,
+                                   generator_kwargs={**spec.generator_kwargs, **result.generator_kwargs})
+    assert manifest.spec == family.spec == expected
+    assert load_checkpoint(tmp_path / "run")[1].spec == expected
+    assert spec.groups is None and "coefficient_ids" not in spec.generator_kwargs     # the input is untouched
+    if generator == "superweights":
+        assert result.generator_kwargs == {"coefficient_ids": result.groups}

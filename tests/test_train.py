@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import npas_serve.train as train
+import npas_serve.train.run as run
 from npas_serve.checkpoint import MANIFEST, TENSORS, sha256_file
 from npas_serve.errors import UserError
 from npas_serve.family import FamilySpec, build_family
@@ -49,17 +49,17 @@ def test_training_is_deterministic_on_cpu(tmp_path, small_npz):
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, small_npz, monkeypatch):
     fit(tmp_path / "straight", small_npz, epochs=2)
 
-    save = train.save_train_state
+    save = run.save_train_state
 
     def save_then_die(directory, optimizer, epoch, cfg, losses):
         save(directory, optimizer, epoch, cfg, losses)
         if epoch == 1:
             raise KeyboardInterrupt   # the run is killed right after its first checkpoint
 
-    monkeypatch.setattr(train, "save_train_state", save_then_die)
+    monkeypatch.setattr(run, "save_train_state", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "resumed", small_npz, epochs=2)
-    monkeypatch.setattr(train, "save_train_state", save)
+    monkeypatch.setattr(run, "save_train_state", save)
     assert json.loads((tmp_path / "resumed" / TRAIN_META).read_text())["epoch"] == 1
     assert sha256_file(tmp_path / "resumed" / TENSORS) != sha256_file(tmp_path / "straight" / TENSORS)
 

@@ -23,7 +23,7 @@ reloads the very same sharing):
   deterministic modulo hash (perfectly balanced: loads differ by at most one);
   a larger spread moves each index to a random entry near its deterministic
   one, so the sharing becomes noisy (and, as a side effect, less balanced).
-  METHODS.md could not verify the paper's exact definition; this is ours.
+  The paper's exact definition was not verified; this is ours (docs/methods.md#arbnet).
 
 `diagnostics` reports the entropy of the bucket loads (nats, and over its
 maximum ``log m``) and the share of empty buckets.

@@ -9,18 +9,18 @@ per width it spans and wide and narrow layers share their leading channels:
 
 Each (group, width) owns a flat bank; its K templates are consecutive windows
 of the piece size ``s`` and a layer's piece is ``sum_k alpha_k * T_k`` with a
-per-layer coefficient row (no softmax, no normalisation). See METHODS.md §1.
+per-layer coefficient row (no softmax, no normalisation). See docs/methods.md#superweights.
 
 Choice made here (not in the paper): when the budget cannot give a bank even
 one template, the bank's ``P < s`` parameters are tiled to length ``s`` (SSN's
 `repeat` upsampling), so low budgets still build every layer.
 
-Coefficient sharing (for the gradient grouping search, METHODS.md §1 steps 1
+Coefficient sharing (docs/methods.md#gradient-grouping-search, steps 1
 and 5): ``coefficient_ids`` gives each slot a class; slots of one class use one
 coefficient row in every bank they both draw on, so they generate the same
 (cropped) weight. `split_coefficients` refines the classes during training.
 The ids are a constructor option, so they travel in the manifest's
-``method_kwargs`` and a checkpoint rebuilds with the right coefficient shapes.
+``generator_kwargs`` and a checkpoint rebuilds with the right coefficient shapes.
 """
 from __future__ import annotations
 

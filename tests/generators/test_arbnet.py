@@ -13,7 +13,7 @@ TINY = dict(family="mnist1d-resnet-tiny", family_kwargs={"num_classes": 10, "in_
 
 
 def family(budget=0.25, seed=0, **kwargs):
-    return build_family(FamilySpec(**TINY, method="arbnet", budget=budget, seed=seed, method_kwargs=kwargs))
+    return build_family(FamilySpec(**TINY, generator="arbnet", budget=budget, seed=seed, generator_kwargs=kwargs))
 
 
 def test_spread_zero_is_the_balanced_modulo_hash():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from npas_serve.checkpoint import load_checkpoint
-from npas_serve.cli import _method_arg, main
+from npas_serve.cli import _generator_arg, main
 from npas_serve.engine import Engine, EngineConfig
 from npas_serve.protocol import InferenceRequest
 
@@ -19,9 +19,9 @@ METHODS = {
 def checkpoint(request, tmp_path_factory, small_npz):
     out = tmp_path_factory.mktemp(request.param) / "ckpt"
     args = ["train", "--family", "mnist1d-resnet-tiny", "--data", str(small_npz), "--epochs", "1",
-            "--budget", "0.25", "--method", request.param, "--out", str(out), "--quiet", "--no-eval"]
+            "--budget", "0.25", "--generator", request.param, "--out", str(out), "--quiet", "--no-eval"]
     for kv in METHODS[request.param]:
-        args += ["--method-arg", kv]
+        args += ["--generator-arg", kv]
     assert main(args) == 0
     return request.param, out
 
@@ -29,8 +29,8 @@ def checkpoint(request, tmp_path_factory, small_npz):
 def test_method_args_reach_the_manifest(checkpoint):
     method, out = checkpoint
     _, manifest = load_checkpoint(out)
-    assert manifest.spec.method == method
-    assert manifest.spec.method_kwargs == dict(_method_arg(kv) for kv in METHODS[method])
+    assert manifest.spec.generator == method
+    assert manifest.spec.generator_kwargs == dict(_generator_arg(kv) for kv in METHODS[method])
 
 
 @pytest.mark.parametrize("freeze", [False, True])
@@ -52,15 +52,28 @@ def test_any_methods_checkpoint_serves(checkpoint, freeze):
 
 
 def test_method_arg_values_are_typed():
-    assert _method_arg("alpha=0.5") == ("alpha", 0.5)
-    assert _method_arg("max_templates=4") == ("max_templates", 4)
-    assert _method_arg("down=emb") == ("down", "emb")
+    assert _generator_arg("alpha=0.5") == ("alpha", 0.5)
+    assert _generator_arg("max_templates=4") == ("max_templates", 4)
+    assert _generator_arg("down=emb") == ("down", "emb")
     with pytest.raises(Exception, match="KEY=VALUE"):
-        _method_arg("novalue")
+        _generator_arg("novalue")
 
 
 def test_unknown_method_option_is_a_clean_cli_error(tmp_path, small_npz, capsys):
     code = main(["train", "--family", "mnist1d-resnet-tiny", "--data", str(small_npz), "--epochs", "1",
-                 "--method", "arbnet", "--method-arg", "buckets=3", "--out", str(tmp_path / "x"), "--quiet"])
+                 "--generator", "arbnet", "--generator-arg", "buckets=3", "--out", str(tmp_path / "x"), "--quiet"])
     assert code == 2
     assert "cannot take options ['buckets']" in capsys.readouterr().err
+
+
+def test_the_old_method_flags_still_work_with_a_one_line_note(tmp_path, small_npz, capsys):
+    out = tmp_path / "old"
+    code = main(["train", "--family", "mnist1d-resnet-tiny", "--data", str(small_npz), "--epochs", "1",
+                 "--budget", "0.25", "--method", "ssn", "--method-arg", "down=emb", "--method-arg", "up=mask",
+                 "--out", str(out), "--quiet", "--no-eval"])
+    assert code == 0
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == ["npas-serve: note: --method is deprecated; use --generator",
+                     "npas-serve: note: --method-arg is deprecated; use --generator-arg"]
+    _, manifest = load_checkpoint(out)
+    assert manifest.spec.generator == "ssn" and manifest.spec.generator_kwargs == {"down": "emb", "up": "mask"}

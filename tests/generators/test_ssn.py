@@ -14,7 +14,7 @@ TINY = dict(family="mnist1d-resnet-tiny", family_kwargs={"num_classes": 10, "in_
 
 
 def family(budget, **kwargs):
-    return build_family(FamilySpec(**TINY, method="ssn", budget=budget, method_kwargs=kwargs))
+    return build_family(FamilySpec(**TINY, generator="ssn", budget=budget, generator_kwargs=kwargs))
 
 
 @pytest.mark.parametrize("down,up", list(itertools.product(("wavg", "emb", "avg"), ("inter", "repeat", "mask"))))
@@ -105,7 +105,7 @@ def test_bad_options_are_user_errors():
 
 @pytest.mark.parametrize("method,kwargs", [("ssn", {"down": "wavg"}), ("arbnet", {"hash": "neighborhood"})])
 def test_layers_start_at_their_kaiming_scale_and_banks_at_a_superweights_scale(method, kwargs):
-    fam = build_family(FamilySpec(**TINY, method=method, budget=2.0, method_kwargs=kwargs))
+    fam = build_family(FamilySpec(**TINY, generator=method, budget=2.0, generator_kwargs=kwargs))
     fan_max = max(s.fan_in for s in fam.slots)
     for s, w in zip(fam.slots, fam.generator.generate(range(len(fam.slots)))):
         if s.numel >= 2000:

@@ -1,0 +1,141 @@
+"""A training run: data, the final spec, the family, checkpoints after every epoch, resume.
+
+Training is seeded and deterministic on CPU; a checkpoint is written after every
+epoch and `resume` continues from it bit for bit. The run's spec is built once
+(`final_spec`: the data's class and channel counts, a searched grouping's result);
+only coefficient unsharing, mid-run, derives the spec the later checkpoints hold.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from npas_serve import registry
+from npas_serve.checkpoint import MANIFEST, Manifest, load_checkpoint, save_checkpoint
+from npas_serve.data import Dataset, is_path, load_dataset
+from npas_serve.errors import UserError
+from npas_serve.family import Family, FamilySpec, build_family
+from npas_serve.train import gradient, kmeans  # noqa: F401  (registers the searched groupings)
+from npas_serve.train.config import TrainConfig
+from npas_serve.train.distributed import sync_batchnorm
+from npas_serve.train.loop import make_optimizer, train_epochs
+from npas_serve.train.search import SearchResult
+from npas_serve.train.state import TRAIN_META, load_train_state, save_train_state
+from npas_serve.train.unshare import follow_grown_parameters, unshare_coefficients
+
+
+def prepare_data(spec: FamilySpec, data: str | None, data_seed: int | None) -> tuple[str, Dataset]:
+    """(the data's name as the manifest stores it, the dataset shaped for the family)."""
+    meta = registry.meta("family", spec.family)
+    name = data or meta.get("data", "mnist1d")
+    if is_path(name):   # the manifest must find the file again from any working directory
+        name = str(Path(name).resolve())
+    # the family's class count (--num-classes, or the manifest's on resume) is the data's too
+    dataset = load_dataset(name, seed=data_seed, num_classes=spec.family_kwargs.get("num_classes"))
+    return name, dataset.with_channels(meta.get("input_ndim", 1))
+
+
+def search(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> SearchResult | None:
+    """A searched grouping's result (it trains a throw-away family first); None for other groupings."""
+    if spec.groups is not None or not registry.meta("grouping", spec.grouping).get("trains"):
+        return None
+    return registry.create("grouping", spec.grouping, spec, x, y, cfg)
+
+
+def final_spec(spec: FamilySpec, dataset: Dataset, found: SearchResult | None) -> FamilySpec:
+    """The spec the run trains: the user's, with the data's class and channel counts and the search's result."""
+    family_kwargs = {"num_classes": dataset.num_classes, "in_channels": dataset.input_shape[0],
+                     **spec.family_kwargs}
+    if found is None:
+        return replace(spec, family_kwargs=family_kwargs)
+    return replace(spec, family_kwargs=family_kwargs, groups=list(found.groups),
+                   generator_kwargs={**spec.generator_kwargs, **found.generator_kwargs})
+
+
+def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None = None,
+                 data_seed: int | None = None, resume: bool = False, progress: bool = True,
+                 rank: int = 0, world: int = 1) -> tuple[Family, Manifest]:
+    """Train (or resume) and leave a checkpoint in `out`. Checks everything before writing anything."""
+    cfg.checks()
+    out = Path(out)
+    if resume:
+        family, manifest = load_checkpoint(out)
+        spec, data = manifest.spec, manifest.data
+        if not (out / TRAIN_META).is_file():
+            raise UserError(f"{out} has no {TRAIN_META} to resume from")
+    elif (out / MANIFEST).exists():
+        raise UserError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    data, dataset = prepare_data(spec, data, data_seed)
+    norm = manifest.normalisation if resume else dataset.normalisation()
+    x = torch.from_numpy(norm.apply(dataset.x_train))
+    y = torch.from_numpy(dataset.y_train)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        if not resume:
+            plain = final_spec(spec, dataset, None)
+            if spec.groups is None and registry.meta("grouping", spec.grouping).get("trains"):
+                _check_shapes(build_family(replace(plain, grouping="shape")), x, dataset)   # before the warm-up
+            family = build_family(final_spec(spec, dataset, search(plain, x, y, cfg)))
+            manifest = Manifest(spec=family.spec, member_names=family.names, num_exits=family.num_exits,
+                                input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
+                                normalisation=norm, budget_params=family.budget_params, data=data)
+        family.train()
+        _check_shapes(family, x, dataset)
+        manifest = _train_from(family, manifest, cfg, out, x, y, resume, progress, rank, world)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return family, manifest
+
+
+def _train_from(family: Family, manifest: Manifest, cfg: TrainConfig, out: Path, x: torch.Tensor,
+                y: torch.Tensor, resume: bool, progress: bool, rank: int, world: int) -> Manifest:
+    """The epochs left, pausing once to split shared coefficients (a no-op for generators sharing none).
+
+    Returns the manifest of the last checkpoint (after a split, its spec holds the new classes).
+    """
+    torch.manual_seed(cfg.seed)
+    model: nn.Module = family
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(sync_batchnorm(family))
+    optimizer = make_optimizer(family, cfg)
+    start, losses = (load_train_state(out, optimizer) if resume else (0, []))
+    current = manifest
+
+    def on_epoch(epoch: int, loss: float) -> None:
+        losses.append(loss)
+        if rank == 0:
+            save_checkpoint(out, family, current)
+            save_train_state(out, optimizer, epoch, cfg, losses)
+
+    split_at = cfg.split_epoch()
+    for end in ([split_at] if 0 < split_at < cfg.epochs and start <= split_at else []) + [cfg.epochs]:
+        train_epochs(family, model, optimizer, x, y, cfg, start, on_epoch, progress, rank, world, end)
+        start = end
+        if end == split_at:
+            # the checkpoint of this epoch is from before the split, so a resume from it splits again
+            split = unshare_coefficients(family, x, y, cfg)
+            if split is None:
+                continue
+            spec = current.spec
+            current = replace(current, spec=replace(spec, generator_kwargs={
+                **spec.generator_kwargs, "coefficient_ids": split.coefficient_ids}))
+            follow_grown_parameters(optimizer, split.grown)
+            if world > 1:
+                model = nn.parallel.DistributedDataParallel(family)   # parameters changed shape
+    return current
+
+
+def _check_shapes(family: Family, x: torch.Tensor, dataset: Dataset) -> None:
+    """Fail before training, with a clear message, when the data does not fit the family."""
+    try:
+        with torch.no_grad():
+            family.eval()
+            family(x[:2])
+            family.train()
+    except RuntimeError as err:
+        raise UserError(f"data '{dataset.name}' with examples of shape {dataset.input_shape} does not fit "
+                        f"this family: {str(err).splitlines()[0]}") from None
