@@ -250,7 +250,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_torchserve(sub) -> None:
     p = sub.add_parser("torchserve", help="start, stop or inspect TorchServe for a .mar",
                        description="Run TorchServe (Java frontend) with gRPC on 7070/7071, HTTP on 8080/8081 "
-                                   "and metrics on 8082. Token auth is on unless --dev; the keys are in "
+                                   "and metrics on 8082 (or the ports given to start; status and stop read "
+                                   "them from RUN_DIR). Token auth is on unless --dev; the keys are in "
                                    "RUN_DIR/key_file.json.")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
@@ -260,14 +261,32 @@ def _add_torchserve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--dev", action="store_true", help="turn token auth off (local development only)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
+    for field, flag in _TS_PORT_FLAGS.items():
+        p.add_argument(flag, type=_port, dest=f"{field}_port", default=None,
+                       help=f"start: the {field.replace('_', ' ')} port (default: as in the description)")
     p.set_defaults(run=_torchserve)
+
+
+_TS_PORT_FLAGS = {"grpc": "--grpc-port", "grpc_management": "--grpc-management-port", "http": "--http-port",
+                  "management": "--management-port", "metrics": "--metrics-port"}
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port, 1..65535, got {value}")
+    return value
 
 
 def _torchserve(args: argparse.Namespace) -> int:
     from npas_serve.servers.torchserve import launcher as ts
     from npas_serve.servers.torchserve.keys import KEY_FILE
 
-    ports = ts.Ports()
+    given = {field: getattr(args, f"{field}_port") for field in _TS_PORT_FLAGS}
+    ports = ts.Ports(**{field: port for field, port in given.items() if port is not None})
+    configured = ts.read_config(args.run_dir) if args.action != "start" else None
+    if configured is not None:           # the ports and address this run directory was started with
+        ports, args.host = configured.ports, configured.host
     if args.action == "start":
         pid = ts.start(args.model_store, args.name, args.run_dir, args.host, ports, args.dev, args.timeout)
         auth = "off (--dev)" if args.dev else f"on; inference key in {args.run_dir / KEY_FILE}"

@@ -137,12 +137,9 @@ def worker_pids(server) -> list[int]:
 def torchserve_run(server) -> tuple[Path, ts.Ports, Path]:
     """(run dir, ports, model store) of the TorchServe behind `server`, read from its own command line."""
     args = cmdline(server.pid)
-    config = Path(args[args.index("--ts-config") + 1])
-    props = dict(line.split("=", 1) for line in config.read_text().splitlines() if "=" in line)
-    port = lambda key: int(props[key].rsplit(":", 1)[1])  # noqa: E731
-    ports = ts.Ports(int(props["grpc_inference_port"]), int(props["grpc_management_port"]),
-                     port("inference_address"), port("management_address"), port("metrics_address"))
-    return config.parent, ports, Path(props["model_store"])
+    run_dir = Path(args[args.index("--ts-config") + 1]).parent
+    config = ts.read_config(run_dir)
+    return run_dir, config.ports, config.model_store
 
 
 def wait_worker_ready(server, timeout_s: float = 180.0) -> float:

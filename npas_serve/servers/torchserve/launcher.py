@@ -71,6 +71,27 @@ def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports,
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
+@dataclass
+class RunConfig:
+    """What a run directory's config.properties says: so `status` and `stop` need no port flags."""
+
+    ports: Ports
+    host: str
+    model_store: Path
+
+
+def read_config(run_dir: Path) -> RunConfig | None:
+    """The config.properties that `start` (or the container image) wrote into `run_dir`; None if none."""
+    path = Path(run_dir) / "config.properties"
+    if not path.is_file():
+        return None
+    props = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    host_port = lambda key: props[key].split("://", 1)[-1].rsplit(":", 1)  # noqa: E731
+    ports = Ports(int(props["grpc_inference_port"]), int(props["grpc_management_port"]),
+                  *(int(host_port(k)[1]) for k in ("inference_address", "management_address", "metrics_address")))
+    return RunConfig(ports, host_port("management_address")[0], Path(props["model_store"]))
+
+
 def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchserve"), host: str = "127.0.0.1",
           ports: Ports | None = None, dev: bool = False, timeout_s: float = 180.0,
           env: dict[str, str] | None = None) -> int:
