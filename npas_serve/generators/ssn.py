@@ -1,5 +1,7 @@
 """Shapeshifter Networks (SSN): layers of a parameter group draw on one flat bank (Plummer et al., NPAS).
 
+How SSN works and what this project chose: docs/methods.md#shapeshifter-networks-ssn.
+
 A group's bank holds ``P`` parameters. A layer needing ``n <= P`` parameters
 downsamples: its ``K = min(max(1, P // n), max_templates)`` templates are the
 consecutive windows ``bank[k*n:(k+1)*n]`` and a mapping combines them:

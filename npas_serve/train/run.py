@@ -38,7 +38,7 @@ def prepare_data(spec: FamilySpec, data: str | None, data_seed: int | None) -> t
     return name, dataset.with_channels(meta.get("input_ndim", 1))
 
 
-def search(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> SearchResult | None:
+def search_groups(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> SearchResult | None:
     """A searched grouping's result (it trains a throw-away family first); None for other groupings."""
     if spec.groups is not None or not registry.meta("grouping", spec.grouping).get("trains"):
         return None
@@ -79,7 +79,7 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
             plain = final_spec(spec, dataset, None)
             if spec.groups is None and registry.meta("grouping", spec.grouping).get("trains"):
                 _check_shapes(build_family(replace(plain, grouping="shape")), x, dataset)   # before the warm-up
-            family = build_family(final_spec(spec, dataset, search(plain, x, y, cfg)))
+            family = build_family(final_spec(spec, dataset, search_groups(plain, x, y, cfg)))
             manifest = Manifest(spec=family.spec, member_names=family.names, num_exits=family.num_exits,
                                 input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
                                 normalisation=norm, budget_params=family.budget_params, data=data)
