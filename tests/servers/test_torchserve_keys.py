@@ -39,3 +39,24 @@ def test_a_bad_key_file_is_one_user_error(tmp_path, content, says):
     with pytest.raises(UserError, match=says) as err:
         read_key(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "no inference key"])
+def test_query_with_a_bad_token_file_is_one_line_and_status_2(tmp_path, kind):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 40), dtype=np.float32))
+    key_file = tmp_path / KEY_FILE
+    if kind == "directory":
+        key_file.mkdir()
+    elif kind == "no inference key":
+        key_file.write_text(json.dumps({"management": {"key": "m"}}))
+    done = subprocess.run([sys.executable, "-m", "npas_serve.cli", "query", "--inputs", str(tmp_path / "x.npy"),
+                           "--token-file", str(key_file), "--target", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("npas-serve")]
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("npas-serve: error: ") and str(key_file) in lines[0]
