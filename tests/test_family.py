@@ -15,8 +15,9 @@ from npas_serve.train import family_loss
 TINY = "mnist1d-resnet-tiny"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def tiny() -> Family:
+    """A fresh family per test (tests put it in eval mode or run backward on it)."""
     return build_family(FamilySpec(family=TINY, family_kwargs={"num_classes": 10, "in_channels": 1}))
 
 
