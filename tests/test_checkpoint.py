@@ -132,3 +132,21 @@ def test_every_safetensors_header_length_loads(tmp_path):
         low_bytes.add(path.read_bytes()[0])
         assert torch.equal(load_tensors(path, sha)["w" * n], torch.arange(3.0))
     assert 0x80 in low_bytes
+
+
+def test_a_manifest_written_before_generator_and_budget_params_still_loads(tiny_copy):
+    """Older manifests named the generator "method" and gave a count as a `budget` above 10."""
+    manifest = read_manifest(tiny_copy)
+    count = manifest.budget_params
+
+    def to_old(d):
+        spec = d["spec"]
+        spec["method"], spec["method_kwargs"] = spec.pop("generator"), spec.pop("generator_kwargs")
+        spec["budget"] = float(count)
+        del spec["budget_params"]
+
+    edit_manifest(tiny_copy, to_old)
+    family, loaded = load_checkpoint(tiny_copy)
+    assert loaded.spec.generator == manifest.spec.generator
+    assert (loaded.spec.budget, loaded.spec.budget_params) == (None, count)
+    assert family.budget_params == count
