@@ -154,6 +154,7 @@ def test_the_manifest_holds_the_spec_the_search_produced(tmp_path, small_npz, mo
     assert isinstance(result, SearchResult)
     expected = dataclasses.replace(spec, family_kwargs={"num_classes": 3, "in_channels": 1}, groups=result.groups,
                                    generator_kwargs={**spec.generator_kwargs, **result.generator_kwargs})
+    assert result.applied_to(dataclasses.replace(spec, family_kwargs=expected.family_kwargs)) == expected
     assert manifest.spec == family.spec == expected
     assert load_checkpoint(tmp_path / "run")[1].spec == expected
     assert spec.groups is None and "coefficient_ids" not in spec.generator_kwargs     # the input is untouched

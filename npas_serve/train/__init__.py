@@ -18,11 +18,11 @@ ones (`shape`, `random`, `unshared`) live in `npas_serve.grouping`. Several proc
 from npas_serve.train.config import TrainConfig
 from npas_serve.train.distributed import GlobalBatchNorm, process_group, sync_batchnorm
 from npas_serve.train.loop import batches, family_loss, make_optimizer, train_epochs
-from npas_serve.train.run import final_spec, run_training
+from npas_serve.train.run import run_training
 from npas_serve.train.search import SearchResult
 from npas_serve.train.state import TRAIN_META, TRAIN_STATE, saved_config
 from npas_serve.train.unshare import Split, follow_grown_parameters, unshare_coefficients
 
 __all__ = ["GlobalBatchNorm", "SearchResult", "Split", "TRAIN_META", "TRAIN_STATE", "TrainConfig", "batches",
-           "family_loss", "final_spec", "follow_grown_parameters", "make_optimizer", "process_group",
+           "family_loss", "follow_grown_parameters", "make_optimizer", "process_group",
            "run_training", "saved_config", "sync_batchnorm", "train_epochs", "unshare_coefficients"]

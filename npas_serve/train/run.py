@@ -1,9 +1,10 @@
 """A training run: data, the final spec, the family, checkpoints after every epoch, resume.
 
 Training is seeded and deterministic on CPU; a checkpoint is written after every
-epoch and `resume` continues from it bit for bit. The run's spec is built once
-(`final_spec`: the data's class and channel counts, a searched grouping's result);
-only coefficient unsharing, mid-run, derives the spec the later checkpoints hold.
+epoch and `resume` continues from it bit for bit. The run's spec is built once,
+before the family: the user's, sized for the data (`sized_for`), with a searched
+grouping's result applied; only coefficient unsharing, mid-run, derives the spec
+the later checkpoints hold.
 """
 from __future__ import annotations
 
@@ -38,21 +39,19 @@ def prepare_data(spec: FamilySpec, data: str | None, data_seed: int | None) -> t
     return name, dataset.with_channels(meta.get("input_ndim", 1))
 
 
-def search_groups(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig) -> SearchResult | None:
+def sized_for(spec: FamilySpec, dataset: Dataset) -> FamilySpec:
+    """`spec` with the data's class and channel counts, unless the spec gives them."""
+    return replace(spec, family_kwargs={"num_classes": dataset.num_classes, "in_channels": dataset.input_shape[0],
+                                        **spec.family_kwargs})
+
+
+def search_groups(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                  dataset: Dataset) -> SearchResult | None:
     """A searched grouping's result (it trains a throw-away family first); None for other groupings."""
     if spec.groups is not None or not registry.meta("grouping", spec.grouping).get("trains"):
         return None
+    _check_shapes(build_family(replace(spec, grouping="shape")), x, dataset)   # before the warm-up
     return registry.create("grouping", spec.grouping, spec, x, y, cfg)
-
-
-def final_spec(spec: FamilySpec, dataset: Dataset, found: SearchResult | None) -> FamilySpec:
-    """The spec the run trains: the user's, with the data's class and channel counts and the search's result."""
-    family_kwargs = {"num_classes": dataset.num_classes, "in_channels": dataset.input_shape[0],
-                     **spec.family_kwargs}
-    if found is None:
-        return replace(spec, family_kwargs=family_kwargs)
-    return replace(spec, family_kwargs=family_kwargs, groups=list(found.groups),
-                   generator_kwargs={**spec.generator_kwargs, **found.generator_kwargs})
 
 
 def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None = None,
@@ -76,10 +75,9 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
     torch.use_deterministic_algorithms(True)
     try:
         if not resume:
-            plain = final_spec(spec, dataset, None)
-            if spec.groups is None and registry.meta("grouping", spec.grouping).get("trains"):
-                _check_shapes(build_family(replace(plain, grouping="shape")), x, dataset)   # before the warm-up
-            family = build_family(final_spec(spec, dataset, search_groups(plain, x, y, cfg)))
+            sized = sized_for(spec, dataset)
+            found = search_groups(sized, x, y, cfg, dataset)
+            family = build_family(sized if found is None else found.applied_to(sized))
             manifest = Manifest(spec=family.spec, member_names=family.names, num_exits=family.num_exits,
                                 input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
                                 normalisation=norm, budget_params=family.budget_params, data=data)

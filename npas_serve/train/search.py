@@ -1,8 +1,8 @@
 """What the searched groupings share: their result, the warm-up they train, the probe batch.
 
 A searched grouping is registered with ``trains=True`` and called as
-``fn(spec, x, y, cfg) -> SearchResult``; `run.final_spec` puts its result into the
-spec once. The warm-up family is thrown away: training restarts from scratch
+``fn(spec, x, y, cfg) -> SearchResult``; `run.run_training` applies the result to
+the spec once, before the family is built. The warm-up family is thrown away: training restarts from scratch
 with the found groups. See docs/methods.md#gradient-grouping-search.
 """
 from __future__ import annotations
@@ -27,6 +27,11 @@ class SearchResult:
 
     groups: list[int]
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def applied_to(self, spec: FamilySpec) -> FamilySpec:
+        """`spec` with these groups, and these options over its own."""
+        return dataclasses.replace(spec, groups=list(self.groups),
+                                   generator_kwargs={**spec.generator_kwargs, **self.generator_kwargs})
 
 
 def warm_up(spec: FamilySpec, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
