@@ -22,6 +22,13 @@ def tiny() -> Family:
 
 
 @pytest.fixture
+def tiny_templated() -> Family:
+    """The tiny family at a budget of at least one template per (group, width): one bank per piece
+    (below it, the widths of a group pool into one bank)."""
+    return build_family(FamilySpec(family=TINY, budget=1.0))
+
+
+@pytest.fixture
 def x() -> torch.Tensor:
     return torch.randn(8, 1, 40, generator=torch.Generator().manual_seed(0))
 
@@ -61,10 +68,12 @@ def _regions(family: Family) -> list[list[tuple[int, int, int, int]]]:
     return regions
 
 
-def test_every_members_loss_reaches_the_bank(tiny, x):
+def test_every_members_loss_reaches_the_bank(tiny_templated, x):
     """Each member alone trains the bank parameters inside its layers, and only those;
     together the members reach every bank parameter."""
+    tiny = tiny_templated
     gen = tiny.generator
+    assert not gen.pooled
     regions = _regions(tiny)
     y = torch.arange(8) % 10
     reached = [torch.zeros_like(p, dtype=torch.bool) for p in gen.banks]

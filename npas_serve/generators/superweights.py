@@ -11,9 +11,18 @@ Each (group, width) owns a flat bank; its K templates are consecutive windows
 of the piece size ``s`` and a layer's piece is ``sum_k alpha_k * T_k`` with a
 per-layer coefficient row (no softmax, no normalisation). See docs/methods.md#superweights.
 
-Choice made here (not in the paper): when the budget cannot give a bank even
-one template, the bank's ``P < s`` parameters are tiled to length ``s`` (SSN's
-`repeat` upsampling), so low budgets still build every layer.
+This project's extension below one template per (group, width) (not in the
+paper): the widths of a group pool their share of the budget into one group
+bank of ``P`` parameters (shares proportional to the groups' summed piece
+sizes), and each piece cuts its own K windows from it, following SSN's
+downsampling (Plummer et al., docs/methods.md#shapeshifter-networks-ssn): a
+piece with ``s <= P`` mixes the ``K = min(P // s, max_templates)`` consecutive
+windows ``bank[k*s:(k+1)*s]``; a piece with ``s > P`` mixes
+``K = min(P, max_templates)`` windows of the bank tiled to length ``s``, each
+starting at its own offset ``k*P // K``. So no piece is generated from a bank
+smaller than itself without several templates to mix, and a small layer (a
+stem) gets several templates instead of a bank of a few parameters.
+See docs/methods.md#pooled-low-budget-superweights.
 
 Coefficient sharing (docs/methods.md#gradient-grouping-search, steps 1
 and 5): ``coefficient_ids`` gives each slot a class; slots of one class use one
@@ -67,8 +76,8 @@ def split_budget(sizes: Sequence[int], users: Sequence[int], budget: int,
                  max_templates: int = 8) -> list[int]:
     """Bank sizes in parameters: one template each, then more to the most-used banks, then round-robin.
 
-    Below one template per bank, sizes are proportional to the piece sizes
-    (the banks then tile). Never exceeds `budget`.
+    Below one template per bank, sizes are proportional to `sizes` (the pooled
+    group banks). Never exceeds `budget`.
     """
     base = sum(sizes)
     if budget < base:
@@ -111,13 +120,26 @@ class SuperWeights(WeightGenerator):
         self.coefficient_ids = None if coefficient_ids is None else [int(c) for c in coefficient_ids]
         self._banks, self._width = bank_layout(self.slots, self.groups)
         sizes = [b.size for b in self._banks]
-        alloc = split_budget(sizes, [len(b.users) for b in self._banks], self.budget, max_templates)
-        self.banks = nn.ParameterList()
+        # below one template per (group, width), the widths of a group pool into one bank
+        self.pooled = self.budget < sum(sizes)
+        groups = sorted({b.group for b in self._banks})
+        self._source = [groups.index(b.group) if self.pooled else i for i, b in enumerate(self._banks)]
+        if self.pooled:
+            alloc = split_budget([sum(b.size for b in self._banks if b.group == g) for g in groups],
+                                 [1] * len(groups), self.budget, max_templates)
+            fan_in = [next(b.fan_in for b in self._banks if b.group == g) for g in groups]
+        else:
+            alloc = split_budget(sizes, [len(b.users) for b in self._banks], self.budget, max_templates)
+            fan_in = [b.fan_in for b in self._banks]
+        self.banks = nn.ParameterList(nn.Parameter(kaiming_bank(n, f)) for n, f in zip(alloc, fan_in))
         self.coefficients = nn.ParameterList()
+        self._windows: list[torch.Tensor | None] = []   # (K, s) bank positions of a pooled piece
         rows = self._rows()
-        for b, (bank, numel) in enumerate(zip(self._banks, alloc)):
-            k = min(max(1, numel // bank.size), max_templates)
-            self.banks.append(nn.Parameter(kaiming_bank(numel, bank.fan_in)))
+        for b, bank in enumerate(self._banks):
+            numel = alloc[self._source[b]]
+            windows = pooled_windows(numel, bank.size, max_templates) if self.pooled else None
+            k = min(max(1, numel // bank.size), max_templates) if windows is None else len(windows)
+            self._windows.append(windows)
             self.coefficients.append(nn.Parameter(unit_orthogonal(1 + max(rows[b].values()), k)))
         self._index_pieces(rows)
 
@@ -178,12 +200,19 @@ class SuperWeights(WeightGenerator):
         return list(self.coefficients)
 
     def templates(self, b: int) -> torch.Tensor:
-        """The (K, s) templates of bank `b`: consecutive windows, or the bank tiled when too small."""
-        bank, size = self.banks[b], self._banks[b].size
-        k = self.coefficients[b].shape[1]
-        if bank.numel() >= size:
-            return bank[: k * size].view(k, size)
-        return bank.repeat(-(-size // bank.numel()))[:size].view(1, size)
+        """The (K, s) templates of piece `b`: consecutive windows of its bank, or of its group's
+        pooled bank (tiled when the piece is larger)."""
+        bank, windows = self.banks[self._source[b]], self._windows[b]
+        if windows is not None:
+            if windows.device != bank.device:
+                windows = self._windows[b] = windows.to(bank.device)
+            return bank[windows]
+        size, k = self._banks[b].size, self.coefficients[b].shape[1]
+        return bank[: k * size].view(k, size)
+
+    def diagnostics(self) -> dict[str, float]:
+        k = [c.shape[1] for c in self.coefficients]
+        return {"pooled": float(self.pooled), "mean_templates": sum(k) / len(k), "min_templates": float(min(k))}
 
     def _plan(self, slot_ids: tuple[int, ...]) -> list[tuple[int, torch.Tensor]]:
         """Which coefficient rows each bank needs for these slots (cached: same slots, same plan)."""
@@ -209,9 +238,9 @@ class SuperWeights(WeightGenerator):
         coefficients, banks = self.coefficients._parameters, self.banks._parameters
         pieces: dict[tuple[int, int], torch.Tensor] = {}
         for b, rows in self._plan(slot_ids):
-            coeffs, bank, size = coefficients[str(b)], banks[str(b)], self._banks[b].size
+            coeffs, bank, size = coefficients[str(b)], banks[str(self._source[b])], self._banks[b].size
             k = coeffs.shape[1]
-            templates = bank.view(k, size) if bank.numel() == k * size else self.templates(b)
+            templates = bank.view(k, size) if bank.numel() == k * size and not self.pooled else self.templates(b)
             # one matmul per bank for all the rows this request needs
             made = coeffs.index_select(0, rows.to(coeffs.device)) @ templates
             pieces.update(zip([(b, row) for row in rows.tolist()], made.unbind(0)))
@@ -241,6 +270,17 @@ class SuperWeights(WeightGenerator):
         if weight.shape[0] != out or weight.shape[1] != inp:
             weight = weight[:out, :inp]   # narrower than its width on one axis: lead channels
         return weight
+
+
+def pooled_windows(numel: int, size: int, max_templates: int = 8) -> torch.Tensor:
+    """(K, size) positions in a pooled bank of `numel` parameters: K consecutive windows when the
+    piece fits, else K windows of the bank tiled, each from its own offset."""
+    if size <= numel:
+        k = min(numel // size, max_templates)
+        return torch.arange(k * size).view(k, size)
+    k = min(numel, max_templates)
+    offsets = torch.arange(k) * numel // k
+    return (offsets[:, None] + torch.arange(size)[None, :]) % numel
 
 
 def bank_layout(slots: Sequence[Slot], groups: Sequence[int]) -> tuple[list[_Bank], list[int]]:

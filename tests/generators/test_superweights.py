@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from npas_serve.errors import UserError
 from npas_serve.generators.base import Slot
 from npas_serve.family import FamilySpec, build_family
-from npas_serve.generators.superweights import SuperWeights, split_budget, width_chain
+from npas_serve.generators.superweights import SuperWeights, pooled_windows, split_budget, width_chain
 
 
 def slots(*shapes, member=0):
@@ -87,9 +87,15 @@ def test_bank_numel_within_budget_and_templates_per_bank():
     for budget in (100, 500, 3000, 100_000):
         gen = SuperWeights(ss, [0, 0, 0, 0, 1], budget)
         assert gen.bank_numel() <= budget
+        assert gen.pooled == (budget < sum(bank.size for bank in gen._banks))
+        assert len(gen.banks) == (2 if gen.pooled else len(gen._banks))   # pooled: one bank per group
         for b, bank in enumerate(gen._banks):
             k = gen.coefficients[b].shape[1]
-            assert k == min(max(1, gen.banks[b].numel() // bank.size), 8)
+            numel = gen.banks[gen._source[b]].numel()
+            if numel >= bank.size:
+                assert k == min(max(1, numel // bank.size), 8)
+            else:   # a piece larger than its pooled bank mixes several tiled windows
+                assert k == min(numel, 8) and k > 1
             assert gen.coefficients[b].shape[0] == len(bank.users)
         for i, w in enumerate(gen.generate(range(len(ss)))):
             assert tuple(w.shape) == ss[i].shape
@@ -122,16 +128,42 @@ def test_a_layer_narrower_on_one_axis_uses_the_leading_block():
     assert torch.equal(wide[:, :2], thin)
 
 
-def test_low_budget_tiles_the_bank_and_still_builds_every_layer():
+def test_low_budget_pools_the_group_and_still_builds_every_layer():
     torch.manual_seed(0)
     ss = slots((16, 8, 3), (32, 16, 3), (32, 32, 3), (8, 1, 3))
     total = sum(s.numel for s in ss)
     gen = SuperWeights(ss, [0, 0, 0, 0], budget=total // 20)
     assert gen.bank_numel() <= total // 20
-    assert any(gen.banks[b].numel() < bank.size for b, bank in enumerate(gen._banks))   # really tiled
+    assert gen.pooled and len(gen.banks) == 1
+    assert any(gen.banks[0].numel() < bank.size for bank in gen._banks)   # really tiled
     for i, w in enumerate(gen.generate(range(len(ss)))):
         assert tuple(w.shape) == ss[i].shape
         assert torch.isfinite(w).all() and w.abs().sum() > 0
+
+
+def test_pooled_windows_fit_or_tile_from_distinct_offsets():
+    fit = pooled_windows(100, 30, 8)
+    assert fit.tolist() == torch.arange(90).view(3, 30).tolist()   # consecutive windows, as a bank
+    tiled = pooled_windows(10, 25, 8)
+    assert tiled.shape == (8, 25) and int(tiled.max()) == 9
+    assert len({row[0] for row in tiled.tolist()}) == 8            # every window its own offset
+    assert torch.equal(tiled[:, 10:20], tiled[:, :10])             # a window is the bank tiled
+
+
+@pytest.mark.parametrize("family", ["mnist1d-resnet-tiny", "mnist1d-resnet"])
+def test_no_stem_collapses_to_rank_one_at_five_percent(family):
+    """The tiling fallback gave the tiny family's stems one parameter each at 5% (every output
+    channel equal); the pooled group bank gives every stem several templates instead."""
+    fam = build_family(FamilySpec(family=family, budget=0.05))
+    gen = fam.generator
+    assert gen.pooled and gen.bank_numel() <= fam.budget_params
+    stems = [i for i, s in enumerate(fam.slots) if s.shape[1] == 1]   # one input channel: the stems
+    assert len(stems) == len(fam.names)
+    for i, w in zip(stems, gen.generate(stems)):
+        matrix = w.detach().flatten(1)
+        assert torch.linalg.matrix_rank(matrix) == min(matrix.shape)       # full rank, not 1
+        assert len({tuple(row) for row in matrix.tolist()}) == matrix.shape[0]   # no two channels equal
+        assert all(gen.coefficients[b].shape[1] > 1 for b, _ in gen.pieces(i))   # templates to mix
 
 
 def test_group_mixing_kernel_shapes_is_refused():
