@@ -2,13 +2,16 @@
 
 Loading never unpickles: the tensor file is hashed and compared with the
 manifest's sha256 before it is parsed, and the family is rebuilt from the
-manifest's spec through the registry, so a model file cannot carry code.
+manifest's spec through the registry. The one exception is a user family
+(`families/user.py`): its builder's source travels with the checkpoint, and
+loading runs it, so such a checkpoint loads only with `trust_code=True`
+(`--trust-code`); without it nothing of the code is read or run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from npas_serve.data.base import Normalisation
 from npas_serve.errors import UserError
-from npas_serve.family import Family, FamilySpec, build_family
+from npas_serve.families.user import CODE_FILE, UserCode, family_name, read_reference, register_code, source_of
+from npas_serve.family import SHARED, Family, FamilySpec, build_family
 from npas_serve.files import write_atomic
 
 FORMAT = "npas-serve/1"
@@ -31,7 +35,7 @@ class Manifest:
     spec: FamilySpec
     member_names: list[str]
     num_exits: int
-    input_shape: list[int]
+    input_shape: list[int]                  # what the family's first stage takes, e.g. [1, 40]
     num_classes: int
     normalisation: Normalisation
     budget_params: int
@@ -39,6 +43,18 @@ class Manifest:
     sha256: str = ""
     report: dict[str, Any] | None = None    # evaluation summary, written by `npas-serve eval`
     format: str = FORMAT
+    example_shape: list[int] | None = None  # one example as the data holds it (and clients send it), e.g. [40];
+                                            # None (older manifests): input_shape
+    code: UserCode | None = None            # a user family's builder, its source in CODE_FILE
+
+    @property
+    def request_shapes(self) -> list[tuple[int, ...]]:
+        """The example shapes a server accepts, the data's own first; each reshapes to `input_shape`
+        (they differ only by the channel axis of size 1 that the family adds)."""
+        shapes = [tuple(self.example_shape or self.input_shape), tuple(self.input_shape)]
+        if len(self.input_shape) > 1 and self.input_shape[0] == 1:
+            shapes.append(tuple(self.input_shape[1:]))
+        return list(dict.fromkeys(shapes))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -51,13 +67,15 @@ class Manifest:
             raise UserError(f"manifest format is {d.get('format') if isinstance(d, dict) else d!r}, "
                             f"expected {FORMAT!r}")
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"report", "sha256", "format"}
+        missing = names - set(d) - {"report", "sha256", "format", "example_shape", "code"}
         if missing:
             raise UserError(f"manifest lacks {sorted(missing)}")
         try:
             d = {k: v for k, v in d.items() if k in names}
             d["spec"] = FamilySpec.from_dict(d["spec"])   # reads manifests of older versions too
             d["normalisation"] = Normalisation(**d["normalisation"])
+            if d.get("code") is not None:
+                d["code"] = UserCode(**d["code"])
             return cls(**d)
         except (TypeError, ValueError) as err:
             raise UserError(f"manifest is malformed: {err}") from None
@@ -89,9 +107,37 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 def save_checkpoint(directory: Path, family: Family, manifest: Manifest) -> Manifest:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if manifest.code is not None:       # the builder's source travels with the tensors
+        source = source_of(manifest.code)
+        write_atomic(directory / CODE_FILE, lambda tmp: Path(tmp).write_bytes(source))
     manifest.sha256 = save_tensors(directory / TENSORS, family.state_dict())
     write_json(directory / MANIFEST, manifest.to_dict())
     return manifest
+
+
+def save(family: Family, directory: Path, manifest: Manifest, builder: str | None = None) -> Manifest:
+    """Write a family trained from Python (`npas_serve.train.fit` returns `manifest`) as a checkpoint
+    that `Engine.load`, `npas-serve serve` and `archive` take.
+
+    A family made by `share()` has no registered builder to rebuild it from when loaded: give
+    `builder` ("path/to/file.py:function" or "package.module:function"), a function returning the
+    same models. Its source is stored with the checkpoint, so loading needs `trust_code=True`.
+    """
+    spec, code = manifest.spec, manifest.code
+    if spec.family == SHARED:
+        if builder is None:
+            raise UserError("a family made by share() is rebuilt from code when loaded: pass "
+                            "builder='path/to/file.py:function' (a function returning the same models)")
+        source, code = read_reference(builder)
+        spec = replace(spec, family=register_code(source, code, code.origin))
+        rebuilt = build_family(spec)
+        ours = {k: tuple(v.shape) for k, v in family.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+        if ours != theirs or rebuilt.names != family.names:
+            differ = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+            raise UserError(f"{builder} builds members {rebuilt.names} that differ from the family's "
+                            f"{family.names} (first differences: {differ})")
+    return save_checkpoint(directory, family, replace(manifest, spec=spec, code=code))
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -123,10 +169,41 @@ def load_tensors(path: Path, sha256: str, device: str | torch.device = "cpu") ->
         raise UserError(f"{path} is not a valid safetensors file: {err}") from None
 
 
-def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> tuple[Family, Manifest]:
-    """Rebuild the family from its manifest, then load (and verify) its tensors."""
+class UntrustedCodeError(UserError):
+    """A checkpoint carries code and the caller did not say it trusts it."""
+
+
+def trust_hint(directory: Path, code: UserCode) -> str:
+    return (f"{directory} carries Python code ({CODE_FILE}: {code.entry} from {code.origin}, sha256 "
+            f"{code.sha256[:12]}…) that loading would run; if you trust it, pass --trust-code "
+            "(trust_code=True from Python; for TorchServe, build the .mar with `npas-serve archive --trust-code`)")
+
+
+def load_code(directory: Path, manifest: Manifest, trust_code: bool = False) -> None:
+    """Register a user family's builder from the checkpoint's own copy of its source; runs it, so
+    refuses unless `trust_code`. A built-in family needs nothing here."""
+    if manifest.code is None:
+        return
+    if not trust_code:
+        raise UntrustedCodeError(trust_hint(directory, manifest.code))
+    if manifest.spec.family != family_name(manifest.code):
+        raise UserError(f"manifest's family {manifest.spec.family!r} is not the one its code registers "
+                        f"({family_name(manifest.code)!r})")
+    path = Path(directory) / CODE_FILE
+    if not path.is_file():
+        raise UserError(f"{directory} lacks {CODE_FILE}, the code of its family {manifest.code.origin}")
+    register_code(path.read_bytes(), manifest.code, str(path))
+
+
+def load_checkpoint(directory: Path, device: str | torch.device = "cpu",
+                    trust_code: bool = False) -> tuple[Family, Manifest]:
+    """Rebuild the family from its manifest, then load (and verify) its tensors.
+
+    A checkpoint of a user family runs that family's code, so it loads only with `trust_code`.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    load_code(directory, manifest, trust_code)
     try:
         family = build_family(manifest.spec)
     except (ValueError, TypeError) as err:   # UserError, or a spec whose parts do not fit together

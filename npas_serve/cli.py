@@ -63,7 +63,10 @@ def _add_train(sub) -> None:
                                    "Writes a checkpoint (model.safetensors + manifest.json) into --out "
                                    "after every epoch, so --resume can continue an interrupted run. "
                                    "On several processes: torchrun --nproc-per-node N -m npas_serve.cli train ...")
-    p.add_argument("--family", default="mnist1d-resnet", help="registered family (default: %(default)s)")
+    p.add_argument("--family", default="mnist1d-resnet",
+                   help="registered family, or your own builder as path/to/file.py:function or "
+                        "package.module:function (its source is stored with the checkpoint; see "
+                        "docs/own-model.md) (default: %(default)s)")
     p.add_argument("--generator", default="superweights",
                    help="weight generator: superweights, ssn, arbnet (default: %(default)s)")
     p.add_argument("--method", dest="generator", action=_Renamed, new="--generator", help=argparse.SUPPRESS)
@@ -101,9 +104,16 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, grouping and shuffling")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    _add_trust_code(p)
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
+
+
+def _add_trust_code(p) -> None:
+    p.add_argument("--trust-code", action="store_true",
+                   help="load a checkpoint or archive that carries its family's Python code (a family "
+                        "trained with --family FILE.py:FUNCTION); loading runs that code")
 
 
 def _budget(args: argparse.Namespace) -> tuple[float | None, int | None]:
@@ -122,9 +132,11 @@ def _train(args: argparse.Namespace) -> int:
 
     from npas_serve import registry
     from npas_serve.family import FamilySpec
+    from npas_serve.families.user import is_reference
     from npas_serve.train import TrainConfig, process_group, run_training, saved_config
 
-    registry.lookup("family", args.family)
+    if not is_reference(args.family):
+        registry.lookup("family", args.family)
     registry.lookup("generator", args.generator)
     registry.lookup("grouping", args.grouping)
     if args.resume:
@@ -132,7 +144,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg = saved_config(args.out)
         cfg = replace(cfg, epochs=args.epochs or cfg.epochs)
     else:
-        epochs = args.epochs or registry.meta("family", args.family).get("epochs", 60)
+        epochs = args.epochs or (60 if is_reference(args.family)
+                                 else registry.meta("family", args.family).get("epochs", 60))
         cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                           weight_decay=args.weight_decay, schedule=args.schedule,
                           exit_weights=args.exit_weights, seed=args.seed, search_epochs=args.search_epochs,
@@ -144,14 +157,15 @@ def _train(args: argparse.Namespace) -> int:
     with process_group() as (rank, world):
         # run_training validates the data (labels against --num-classes too) before writing anything
         family, manifest = run_training(spec, cfg, args.out, data=args.data, data_seed=args.data_seed,
-                                        resume=args.resume, progress=not args.quiet, rank=rank, world=world)
+                                        resume=args.resume, progress=not args.quiet, rank=rank, world=world,
+                                        trust_code=args.trust_code)
     if rank != 0:              # rank 0 wrote the checkpoint; it alone reports and evaluates
         return 0
     print(f"trained {len(family.names)} members ({', '.join(family.names)}) on {manifest.data}"
           f"{f' with {world} processes' if world > 1 else ''}; "
           f"bank {family.generator.bank_numel():,} params -> {args.out}")
     if not args.no_eval:
-        return _evaluate(args.out)
+        return _evaluate(args.out, trust_code=True)   # the code this run trained with, or --trust-code
     return 0
 
 
@@ -161,19 +175,17 @@ def _add_eval(sub) -> None:
                                    "and parameters. Writes report.json, ensemble.png and anytime.png into DIR "
                                    "and stores the report in the manifest for the planner.")
     p.add_argument("dir", type=Path, help="checkpoint directory")
-    p.set_defaults(run=lambda a: _evaluate(a.dir))
+    _add_trust_code(p)
+    p.set_defaults(run=lambda a: _evaluate(a.dir, a.trust_code))
 
 
-def _evaluate(directory: Path) -> int:
-    from npas_serve import registry
+def _evaluate(directory: Path, trust_code: bool = False) -> int:
     from npas_serve.checkpoint import load_checkpoint
     from npas_serve.data import load_dataset
     from npas_serve.evaluate import evaluate, summary_lines, write_report
 
-    family, manifest = load_checkpoint(directory)
-    meta = registry.meta("family", manifest.spec.family)
-    dataset = load_dataset(manifest.data, num_classes=manifest.num_classes).with_channels(
-        meta.get("input_ndim", 1))
+    family, manifest = load_checkpoint(directory, trust_code=trust_code)
+    dataset = load_dataset(manifest.data, num_classes=manifest.num_classes).shaped_as(manifest.input_shape)
     report = evaluate(family, manifest, dataset)
     write_report(report, manifest, directory)
     print("\n".join(summary_lines(report)))
@@ -185,7 +197,7 @@ def _engine_config(args: argparse.Namespace):
     from npas_serve.engine import EngineConfig
 
     return EngineConfig(device=args.device, cache_bytes=args.cache_bytes, max_batch=args.max_batch,
-                        model_name=args.name, freeze=args.freeze)
+                        model_name=args.name, freeze=args.freeze, trust_code=args.trust_code)
 
 
 def _add_engine_flags(p) -> None:
@@ -197,6 +209,7 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--freeze", action="store_true",
                    help="generate every member's weights once at load and serve plain modules "
                         "(faster; holds all generated weights instead of only the shared parameters)")
+    _add_trust_code(p)
 
 
 def _add_archive(sub) -> None:
@@ -212,7 +225,8 @@ def _add_archive(sub) -> None:
 def _archive(args: argparse.Namespace) -> int:
     from npas_serve.servers.torchserve.archive import build_archive
 
-    target = build_archive(args.dir, args.name, args.model_store, args.version, _engine_config(args))
+    target = build_archive(args.dir, args.name, args.model_store, args.version, _engine_config(args),
+                           trust_code=args.trust_code)
     print(f"archive -> {target}")
     return 0
 

@@ -81,8 +81,12 @@ class FamilySpec:
         return cls(**d)
 
 
+SHARED = "share()"    # FamilySpec.family of a family made by `share`: no builder to rebuild it from
+
+
 class Family(nn.Module):
-    spec: FamilySpec | None = None    # set by `build_family`: the complete spec it was built from
+    spec: FamilySpec | None = None    # set by `build_family` and `share`: the complete spec it was built from
+    conversion: "Conversion | None" = None   # set by `share`: what it converted and left alone
 
     def __init__(self, members: Sequence[Member], names: Sequence[str], generator: str = "superweights",
                  budget: float | None = 1.0, grouping: str = "shape", groups: Sequence[int] | None = None,
@@ -142,6 +146,21 @@ class Family(nn.Module):
         return [sum(p.numel() for p in m.parameters()) for m in self.members]
 
     # --- running -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def check_runs(self, x: torch.Tensor) -> None:
+        """Every member once on the batch `x` (in eval mode); a member that fails is a UserError."""
+        was_training = self.training
+        self.eval()
+        try:
+            for m, name in enumerate(self.names):
+                try:
+                    list(self.iter_exits(x, m))
+                except RuntimeError as err:
+                    raise UserError(f"member {name!r} fails on inputs of shape {tuple(x.shape)}: "
+                                    f"{str(err).splitlines()[0]}") from None
+        finally:
+            self.train(was_training)
+
     def stage_weights(self, member: int, stage: int) -> list[torch.Tensor]:
         return self.generator.generate(self._slot_ids[member][stage])
 
@@ -212,40 +231,85 @@ def resolve_budget(member_numel: Sequence[int], budget: float | None = None,
     return params
 
 
-def share(models: Sequence[nn.Module], budget: float | None = None, generator: str = "superweights",
-          grouping: str = "shape", names: Sequence[str] | None = None, seed: int = 0,
-          budget_params: int | None = None, **generator_kwargs: Any) -> Family:
-    """Turn ordinary modules into one family drawing on one bank.
+@dataclass(frozen=True)
+class Conversion:
+    """What `share` (or a user family's builder output) changed: the layers now drawing their
+    weights from the bank, and the parameter-holding layers left private to their model.
 
-    The bank holds `budget` times the largest member's shared parameters (default 1.0),
-    or `budget_params` parameters.
-
-    Every Conv1d/Conv2d/Linear is replaced, on its parent module, by its shared
-    twin; other layers stay private to their model. A model that is already a
-    `Member` keeps its exits; any other model becomes a one-exit member.
-
-    Example:
-        >>> family = share([small_cnn(), big_cnn()], budget=0.5)
-        >>> logits = family(x)[1][-1]    # member 1, last exit
-        >>> family = share([small_cnn(), big_cnn()], budget_params=200_000)
+    The converted layers' own weight values are dropped: the bank generates new ones, so a
+    pretrained model's weights do not carry over (biases, norms and heads do).
     """
-    members = []
-    for model in models:
+
+    converted: list[str]                 # "member.path: Type -> SharedType"
+    left_alone: dict[str, list[str]]     # type name -> "member.path" of layers with parameters kept private
+    weights_replaced: bool = True        # always: generated weights replace the converted layers' own
+
+    def lines(self) -> list[str]:
+        kept = ", ".join(f"{t} x{len(paths)}" for t, paths in sorted(self.left_alone.items())) or "none"
+        return [f"{len(self.converted)} layers now draw generated weights (their own weights are replaced)",
+                f"left private to their model: {kept}"]
+
+
+def to_members(models: Sequence[nn.Module], names: Sequence[str]) -> tuple[list[Member], Conversion]:
+    """Copies of `models` with every Conv1d/Conv2d/Linear (subclasses too) swapped, on its parent
+    module, for its shared twin; a `Member` keeps its exits (its heads stay private), any other
+    model becomes a one-exit member. The originals are not changed."""
+    members, converted, left_alone = [], [], {}
+    for model, member_name in zip(models, names):
         model = copy.deepcopy(model)
         for name, module in list(model.named_modules()):
-            shared = to_shared(module)
-            if shared is None or isinstance(model, Member) and name.startswith("heads."):
-                continue   # exit heads stay private to their member, like norms
+            shared = None if isinstance(model, Member) and name.startswith("heads.") else to_shared(module)
+            # exit heads stay private to their member, like norms
+            if shared is None:
+                if not isinstance(module, SharedLayer) and any(True for _ in module.parameters(recurse=False)):
+                    left_alone.setdefault(type(module).__name__, []).append(f"{member_name}.{name}".rstrip("."))
+                continue
+            converted.append(f"{member_name}.{name}".rstrip(".") + f": {type(module).__name__} -> "
+                             f"{type(shared).__name__}")
             if name:
                 _replace(model, name, shared)
             else:   # the model is itself a single layer
                 model = shared
         members.append(model if isinstance(model, Member) else Member([model], [nn.Identity()]))
-    names = list(names) if names is not None else [f"m{i}" for i in range(len(members))]
+    return members, Conversion(converted, left_alone)
+
+
+def share(models: Sequence[nn.Module], budget: float | None = None, generator: str = "superweights",
+          grouping: str = "shape", names: Sequence[str] | None = None, seed: int = 0,
+          budget_params: int | None = None, example: torch.Tensor | None = None,
+          **generator_kwargs: Any) -> Family:
+    """Turn ordinary modules into one family drawing on one bank.
+
+    The bank holds `budget` times the largest member's shared parameters (default 1.0),
+    or `budget_params` parameters.
+
+    Every Conv1d/Conv2d/Linear, or subclass of one, is replaced on its parent module by
+    its shared twin, and **its own weight is replaced by generated ones**: the models'
+    trained weight values are not used (biases, norms and other layers stay the model's
+    own and private to it). `family.conversion` lists the converted layers and the
+    parameter-holding layers left alone. A model that is already a `Member` keeps its
+    exits; any other model becomes a one-exit member. With `example` (a batch), every
+    member runs once on it, so a model the conversion broke fails here, by name.
+
+    Example:
+        >>> family = share([small_cnn(), big_cnn()], budget=0.5)
+        >>> logits = family(x)[1][-1]    # member 1, last exit
+        >>> print("\n".join(family.conversion.lines()))
+        >>> family = share([small_cnn(), big_cnn()], budget_params=200_000)
+    """
+    names = list(names) if names is not None else [f"m{i}" for i in range(len(models))]
+    members, conversion = to_members(models, names)
     if budget is None and budget_params is None:
         budget = 1.0
-    return Family(members, names, generator=generator, budget=budget, budget_params=budget_params,
-                  grouping=grouping, seed=seed, generator_kwargs=generator_kwargs)
+    family = Family(members, names, generator=generator, budget=budget, budget_params=budget_params,
+                    grouping=grouping, seed=seed, generator_kwargs=generator_kwargs)
+    family.conversion = conversion
+    family.spec = FamilySpec(family=SHARED, generator=generator, generator_kwargs=dict(generator_kwargs),
+                             budget_params=family.budget_params, grouping=grouping,
+                             groups=list(family.generator.groups), seed=seed)
+    if example is not None:
+        family.check_runs(example)
+    return family
 
 
 def build_family(spec: FamilySpec) -> Family:

@@ -91,9 +91,14 @@ _CONVERTERS = {
 
 
 def to_shared(module: nn.Module) -> SharedLayer | None:
-    """The shared twin of a Conv1d/Conv2d/Linear, or None for any other module."""
-    convert = _CONVERTERS.get(type(module))
-    return convert(module) if convert else None
+    """The shared twin of a Conv1d/Conv2d/Linear or of a subclass of one, or None for any other module.
+
+    A subclass's own `forward` is not kept: the twin runs the plain convolution or product.
+    """
+    for kind, convert in _CONVERTERS.items():
+        if isinstance(module, kind):
+            return convert(module)
+    return None
 
 
 def to_plain(layer: SharedLayer, weight: torch.Tensor) -> nn.Module:

@@ -52,6 +52,17 @@ class Dataset:
                 f"{input_ndim}-D signals: (N, {'L' if input_ndim == 1 else 'H, W'}) or (N, C, ...)")
         return Dataset(self.name, x_train, self.y_train, x_test, self.y_test, self.num_classes)
 
+    def shaped_as(self, input_shape: tuple[int, ...] | list[int]) -> "Dataset":
+        """The examples in the shape a family's first stage takes: their own, or with the channel
+        axis of size 1 that the family adds (for evaluating a checkpoint on its data)."""
+        shape = tuple(input_shape)
+        if self.input_shape == shape:
+            return self
+        if (1, *self.input_shape) == shape:
+            return Dataset(self.name, self.x_train[:, None], self.y_train, self.x_test[:, None], self.y_test,
+                           self.num_classes)
+        raise UserError(f"data '{self.name}' has examples of shape {self.input_shape}; the model takes {shape}")
+
 
 def checked(name: str, x_train, y_train, x_test, y_test, num_classes: int | None = None) -> Dataset:
     """Validate arrays from any source into a Dataset, with errors a user can act on."""

@@ -43,6 +43,7 @@ class EngineConfig:
     model_name: str = "npas"
     model_version: str = "1"
     freeze: bool = False                 # generate every member once at load, then run plain modules
+    trust_code: bool = False             # load a checkpoint carrying its family's code (runs that code)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,8 @@ class Engine:
         self.names = list(family.names)
         self.num_exits = family.num_exits
         self.limits = RequestLimits(tuple(manifest.input_shape), tuple(self.names), self.num_exits,
-                                    self.config.max_batch, self.config.max_payload_bytes)
+                                    self.config.max_batch, self.config.max_payload_bytes,
+                                    example_shapes=tuple(manifest.request_shapes))
         self.cache = WeightCache(self.config.cache_bytes)
         # frozen: any generator's weights baked once into plain members (Family.freeze); no generation per request
         self._frozen = ([family.freeze(m).eval() for m in range(len(self.names))]
@@ -146,7 +148,7 @@ class Engine:
     @classmethod
     def load(cls, checkpoint: str | Path, config: EngineConfig | None = None) -> "Engine":
         config = config or EngineConfig()
-        family, manifest = load_checkpoint(Path(checkpoint), config.device)
+        family, manifest = load_checkpoint(Path(checkpoint), config.device, trust_code=config.trust_code)
         return cls(family, manifest, config)
 
     def _make_planner(self, report_dict: dict | None) -> Planner:

@@ -50,6 +50,8 @@ class RequestLimits:
     max_batch: int = 256
     max_payload_bytes: int = 4 * 2**20
     max_budget_ms: float = 60_000.0     # absurdly large budgets are refused
+    example_shapes: tuple[tuple[int, ...], ...] = ()   # other shapes an example may come in, each the
+                                        # input_shape without its channel axis of 1; the first is the data's
 
     def __post_init__(self):
         if not self.member_names or self.num_exits < 1 or self.max_batch < 1:
@@ -205,7 +207,8 @@ def _map_value(name: str, value: Any) -> Any:
 # -- inputs ------------------------------------------------------------------
 
 def _inputs(value: Any, limits: RequestLimits) -> np.ndarray:
-    expected = "(B, " + ", ".join(map(str, limits.input_shape)) + ")"
+    shapes = list(dict.fromkeys([*map(tuple, limits.example_shapes), tuple(limits.input_shape)]))
+    expected = " or ".join("(B, " + ", ".join(map(str, shape)) + ")" for shape in shapes)
     try:
         if isinstance(value, npas_pb2.Tensor):
             array = _wire.array_from_raw(value.data, list(value.shape), value.dtype or "float32")
@@ -220,9 +223,10 @@ def _inputs(value: Any, limits: RequestLimits) -> np.ndarray:
         raise RequestError("inputs", _sentence("inputs", exc)) from None
     if array.ndim >= 1 and array.shape[0] == 0:
         raise RequestError("inputs", f"inputs is an empty batch; send at least one example, shape {expected}.")
-    if array.shape[1:] != tuple(limits.input_shape) or array.ndim == 0:
+    if array.ndim == 0 or array.shape[1:] not in shapes:
         raise RequestError("inputs", f"inputs has shape {tuple(array.shape)}; expected {expected} "
                                      "with the batch dimension first, even for one example.")
+    array = array.reshape(array.shape[0], *limits.input_shape)   # the channel axis the family takes
     if array.shape[0] > limits.max_batch:
         raise RequestError("inputs", f"inputs holds {array.shape[0]} examples, over the limit of "
                                      f"{limits.max_batch}; split the batch.")

@@ -2,7 +2,10 @@
 
 The .mar holds the handler file of this package (`npas_handler.py`, which imports
 the installed handler), the checkpoint's tensor file and manifest, and the engine
-config; never code from the checkpoint itself.
+config. A checkpoint of a user family also carries its builder's source; it is
+packed only with `trust_code` (`archive --trust-code`), which is then written into
+the engine config, so the TorchServe worker runs the code because the archive's
+builder said so, and refuses it otherwise.
 The checkpoint is verified (sha256, rebuildable family) before anything is written.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from npas_serve.checkpoint import MANIFEST, TENSORS, load_checkpoint
+from npas_serve.families.user import CODE_FILE
 from npas_serve.engine import EngineConfig
 from npas_serve.errors import UserError
 
@@ -25,11 +29,14 @@ MODEL_CONFIG = "model-config.yaml"
 
 
 def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path("model_store"),
-                  version: str = "1", config: EngineConfig | None = None, workers: int = 1) -> Path:
+                  version: str = "1", config: EngineConfig | None = None, workers: int = 1,
+                  trust_code: bool = False) -> Path:
     checkpoint, model_store = Path(checkpoint), Path(model_store)
-    load_checkpoint(checkpoint)   # refuses a tampered or mismatched checkpoint before packing it
+    # refuses a tampered or mismatched checkpoint (or one carrying untrusted code) before packing it
+    _, manifest = load_checkpoint(checkpoint, trust_code=trust_code)
     config = config or EngineConfig()
     config.model_name, config.model_version = name, version
+    config.trust_code = trust_code and manifest.code is not None
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -41,6 +48,8 @@ def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path
         export = tmp / "export"
         export.mkdir()
         extra = [checkpoint / TENSORS, checkpoint / MANIFEST, tmp / CONFIG]
+        if manifest.code is not None:
+            extra.append(checkpoint / CODE_FILE)
         cmd = [sys.executable, "-m", "model_archiver.model_packaging",
                "--model-name", name, "--version", version, "--handler", str(HANDLER),
                "--extra-files", ",".join(str(p) for p in extra), "--config-file", str(tmp / MODEL_CONFIG),
@@ -55,7 +64,8 @@ def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path
 
 
 def extract_archive(mar: Path, into: Path) -> Path:
-    """Unpack the checkpoint files of a .mar (for `npas-serve serve FILE.mar`)."""
+    """Unpack the checkpoint files of a .mar (for `npas-serve serve FILE.mar`): the family's code
+    too, when it has some, which `serve` runs only with its own --trust-code."""
     import zipfile
 
     try:
@@ -65,6 +75,8 @@ def extract_archive(mar: Path, into: Path) -> Path:
                 if wanted not in names:
                     raise UserError(f"{mar} is not an npas-serve archive: {wanted} is missing")
                 zf.extract(wanted, into)
+            if CODE_FILE in names:
+                zf.extract(CODE_FILE, into)
     except zipfile.BadZipFile:
         raise UserError(f"{mar} is not a .mar (zip) archive") from None
     return Path(into)
