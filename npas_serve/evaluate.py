@@ -15,6 +15,7 @@ from torch import nn
 
 from npas_serve.checkpoint import MANIFEST, Manifest, write_json
 from npas_serve.data.base import Dataset
+from npas_serve.ensemble import combine
 from npas_serve.family import Family
 from npas_serve.layers import SharedLayer
 
@@ -114,12 +115,15 @@ def exit_probs(family: Family, x: torch.Tensor, batch: int = 500) -> torch.Tenso
 
 @torch.no_grad()
 def count_flops(family: Family, input_shape: tuple[int, ...]) -> list[list[int]]:
-    """FLOPs (2 x multiply-adds of convolutions and linear layers) to reach each exit, per example."""
-    macs = [0]
+    """FLOPs (2 x multiply-adds of convolutions and linear layers) to reach each exit, per example.
+
+    A later exit pays for every earlier stage but not for the earlier exits' heads.
+    """
+    head_modules = {id(mod) for member in family.members for head in member.heads for mod in head.modules()}
+    macs = {"stages": 0, "head": 0}
 
     def hook(module: nn.Module, inputs, output) -> None:
-        weight = module.weight
-        macs[0] += output.numel() * weight[0].numel()
+        macs["head" if id(module) in head_modules else "stages"] += output.numel() * module.weight[0].numel()
 
     kinds = (nn.Conv1d, nn.Conv2d, nn.Linear, SharedLayer)
     handles = [m.register_forward_hook(hook) for m in family.modules() if isinstance(m, kinds)]
@@ -128,18 +132,11 @@ def count_flops(family: Family, input_shape: tuple[int, ...]) -> list[list[int]]
         x = torch.zeros(1, *input_shape)
         result = []
         for m in range(len(family.members)):
-            per_exit, h = [], x
-            member = family.members[m]
-            for e in range(member.num_exits):
-                with family.bound(m, e):
-                    h = member.stages[e](h)
-                before_head = macs[0]
-                member.heads[e](h)
-                head = macs[0] - before_head
-                macs[0] -= head            # a later exit does not pay for this exit's head
-                per_exit.append(2 * (macs[0] + head))
+            macs["stages"], per_exit = 0, []
+            for _ in family.iter_exits(x, m):
+                per_exit.append(2 * (macs["stages"] + macs["head"]))
+                macs["head"] = 0
             result.append(per_exit)
-            macs[0] = 0
         return result
     finally:
         for handle in handles:
@@ -170,7 +167,7 @@ def evaluate(family: Family, manifest: Manifest, dataset: Dataset) -> Report:
     ensembles = []
     for k in range(1, len(names) + 1):
         chosen = order[:k]
-        mean = probs[chosen, last].mean(dim=0)
+        mean = combine(list(probs[chosen, last])).probabilities
         ensembles.append(EnsembleScore(**asdict(scores(mean, y)), size=k, members=[names[m] for m in chosen],
                                        flops=sum(flops[m][last] for m in chosen)))
     return Report(manifest.data, len(y), [names[m] for m in order], exits, ensembles, param_count(family),

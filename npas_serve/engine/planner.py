@@ -11,7 +11,7 @@ Choices under a budget, "most accuracy per millisecond first":
   while the predicted total fits;
 - anytime: the (member, exit) with the best accuracy among those predicted to
   fit; its exits then run in order, each refining the answer.
-Accuracies come from the evaluation report in the manifest.
+Accuracies come from the evaluation report in the manifest (`Planner.from_manifest`).
 """
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+
+from npas_serve.checkpoint import Manifest
+from npas_serve.evaluate import Report
 
 SAFETY = 0.8          # plan to use at most this share of the remaining budget
 EMA = 0.1             # weight of a new observation in the correction factor
@@ -94,6 +97,25 @@ class Planner:
         self.final_accuracy = list(final_accuracy)      # per member, last exit
         self.exit_accuracy = exit_accuracy              # (members, exits)
         self.member_order = list(member_order)          # best first: what ensemble_size=k takes
+
+    @classmethod
+    def from_report(cls, cost: CostModel, names: Sequence[str], report: Report | None) -> "Planner":
+        """Per (member, exit) accuracy and the member order from an evaluation report.
+
+        Without a report (not evaluated yet) members count alike and deeper exits as better.
+        """
+        m, e = cost.shape
+        if report is None:
+            acc = np.tile(np.arange(1, e + 1) / e, (m, 1))
+            order = list(range(m))
+        else:
+            acc = np.array([[report.exit_score(n, x).accuracy for x in range(e)] for n in names])
+            order = [list(names).index(n) for n in report.member_order]
+        return cls(cost, acc[:, -1], acc, order)
+
+    @classmethod
+    def from_manifest(cls, cost: CostModel, names: Sequence[str], manifest: Manifest) -> "Planner":
+        return cls.from_report(cost, names, None if manifest.report is None else Report.from_dict(manifest.report))
 
     def ensemble(self, batch: int, size: int | None, members: Sequence[int] | None,
                  budget_ms: float | None) -> Plan:

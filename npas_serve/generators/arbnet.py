@@ -89,8 +89,8 @@ class ArbNet(WeightGenerator):
         self._scale = [math.sqrt(fan_max / s.fan_in) for s in self.slots]
         self._plans: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
-    def bank_numel(self) -> int:
-        return self.banks[0].numel()
+    def bank_parameters(self) -> list[nn.Parameter]:
+        return [self.banks[0]]
 
     def _plan(self, slot_ids: tuple[int, ...]) -> torch.Tensor:
         """The table indices of these slots, concatenated (cached per request shape and device)."""

@@ -61,9 +61,21 @@ class WeightGenerator(nn.Module):
         """The weights of `slot_ids`, in that order, differentiable w.r.t. the bank."""
         raise NotImplementedError
 
-    def bank_numel(self) -> int:
-        """Parameters counted against the budget (the templates / table)."""
+    def bank_parameters(self) -> list[nn.Parameter]:
+        """The parameters counted against the budget (the templates / table)."""
         raise NotImplementedError
+
+    def bank_numel(self) -> int:
+        return sum(p.numel() for p in self.bank_parameters())
+
+    def resident_bytes(self) -> tuple[int, int]:
+        """(bank, everything else this generator keeps) in bytes: what serving holds for it.
+
+        Read through `bank_parameters`, so memory accounting never depends on state-dict names.
+        """
+        bank = sum(p.numel() * p.element_size() for p in self.bank_parameters())
+        total = sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        return bank, total - bank
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
         """Parameters trained without weight decay (mixing coefficients)."""

@@ -113,8 +113,8 @@ class SSN(WeightGenerator):
                     copies = -(-s.numel // self.banks[b].numel())
                     self.masks[str(i)] = nn.Parameter(torch.ones(copies, mask_window))
 
-    def bank_numel(self) -> int:
-        return sum(p.numel() for p in self.banks)
+    def bank_parameters(self) -> list[nn.Parameter]:
+        return list(self.banks)
 
     def no_decay_parameters(self) -> list[nn.Parameter]:
         return [*self.coefficients, *self.embeddings, *self.projections, *self.masks.values()]

@@ -189,8 +189,8 @@ class SuperWeights(WeightGenerator):
         self._index_pieces(new_rows)
         return grown
 
-    def bank_numel(self) -> int:
-        return sum(p.numel() for p in self.banks)
+    def bank_parameters(self) -> list[nn.Parameter]:
+        return list(self.banks)
 
     def pieces(self, slot: int) -> list[tuple[int, int]]:
         """(bank, coefficient row) of each width `slot` spans, narrowest first."""

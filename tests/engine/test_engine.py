@@ -7,6 +7,7 @@ import torch
 
 from npas_serve.checkpoint import load_checkpoint
 from npas_serve.engine import Engine, EngineConfig
+from npas_serve.ensemble import combine
 from npas_serve.layers import SharedLayer
 from npas_serve.protocol import InferenceRequest
 
@@ -35,17 +36,28 @@ def test_ensemble_is_the_mean_of_the_chosen_members(engine, served_checkpoint, x
     for k in range(1, len(engine.names) + 1):
         answer = engine.answer(InferenceRequest(inputs=x, ensemble_size=k))
         assert answer.members_used == [engine.names[m] for m in order[:k]]
-        np.testing.assert_allclose(answer.probabilities, probs[order[:k]].mean(0).numpy(), atol=1e-5)
+        np.testing.assert_allclose(answer.probabilities, combine(list(probs[order[:k]])).probabilities.numpy(),
+                                   atol=1e-5)
 
 
 def test_uncertainty_is_entropy_and_disagreement(engine, served_checkpoint, x):
-    probs = direct_probs(served_checkpoint, x)
+    """The engine answers with `combine` of the members' softmax (its maths: tests/test_ensemble.py)."""
+    expected = combine(list(direct_probs(served_checkpoint, x)))
     answer = engine.answer(InferenceRequest(inputs=x))
-    mean = probs.mean(0)
-    np.testing.assert_allclose(answer.entropy, -(mean * mean.log()).sum(-1).numpy(), atol=1e-4)
-    votes = probs.argmax(-1)
-    expected = (votes != mean.argmax(-1)).float().mean(0).numpy()
-    np.testing.assert_allclose(answer.disagreement, expected)
+    assert answer.predictions == expected.predictions.tolist()
+    np.testing.assert_allclose(answer.entropy, expected.entropy.numpy(), atol=1e-4)
+    np.testing.assert_allclose(answer.disagreement, expected.disagreement.numpy())
+
+
+def test_anytime_uncertainty_is_the_latest_exit_judged_by_the_exits_so_far(engine, served_checkpoint, x):
+    family, manifest = load_checkpoint(served_checkpoint)
+    answer = engine.answer(InferenceRequest(inputs=x, mode="anytime", members=(engine.names[0],), exit=1))
+    with torch.no_grad():
+        exits = [o.softmax(-1) for o in family.iter_exits(torch.from_numpy(manifest.normalisation.apply(x)), 0, 1)]
+    expected = combine(exits, exits[-1])
+    np.testing.assert_allclose(answer.probabilities, expected.probabilities.numpy(), atol=1e-5)
+    np.testing.assert_allclose(answer.entropy, expected.entropy.numpy(), atol=1e-4)
+    np.testing.assert_allclose(answer.disagreement, expected.disagreement.numpy())
 
 
 def test_anytime_streams_every_exit_then_stops(engine, x):

@@ -61,3 +61,20 @@ def test_observations_move_predictions_toward_measurements():
     for _ in range(100):
         cost.observe(Step(0, 0), 1, 3.0)
     assert abs(cost.predict(Step(0, 0), 1) - 3.0) < 0.05
+
+
+def test_from_report_reads_accuracies_and_order_by_member_name():
+    from npas_serve.evaluate import ExitScore, ParamCount, Report
+
+    exits = [ExitScore(acc, 0.0, 0.0, member=name, exit=e, flops=1)
+             for name, row in (("b", (0.2, 0.4)), ("a", (0.3, 0.9))) for e, acc in enumerate(row)]
+    report = Report("d", 1, ["a", "b"], exits, [], ParamCount(1, 0, {}, {}, 1))
+    p = Planner.from_report(CostModel(2, 2), ["b", "a"], report)
+    assert p.member_order == [1, 0] and p.final_accuracy == [0.4, 0.9]
+    assert p.exit_accuracy.tolist() == [[0.2, 0.4], [0.3, 0.9]]
+
+
+def test_without_a_report_members_count_alike_and_deeper_exits_better():
+    p = Planner.from_report(CostModel(2, 3), ["a", "b"], None)
+    assert p.member_order == [0, 1]
+    assert p.exit_accuracy.tolist() == [[1 / 3, 2 / 3, 1.0]] * 2

@@ -1,0 +1,29 @@
+"""A request's run: the budget it starts with, and what it reports when it ends."""
+from __future__ import annotations
+
+import numpy as np
+
+from npas_serve.engine.run import RequestRun, effective_budget_ms
+from npas_serve.engine.stages import StageResult
+from npas_serve.protocol import InferenceRequest
+
+
+def test_the_tighter_of_budget_and_deadline_counts():
+    assert effective_budget_ms(None, None, 1000.0) is None
+    assert effective_budget_ms(50.0, None, 1000.0) == 50.0
+    assert effective_budget_ms(None, 1030.0, 1000.0) == 30.0
+    assert effective_budget_ms(50.0, 1030.0, 1000.0) == 30.0
+    assert effective_budget_ms(20.0, 1030.0, 1000.0) == 20.0
+    assert effective_budget_ms(None, 990.0, 1000.0) == -10.0     # already past: nothing left
+
+
+def test_stage_results_add_up_in_the_observation():
+    run = RequestRun.start(InferenceRequest(inputs=np.zeros((1, 2), np.float32), latency_budget_ms=5.0))
+    assert run.budget_ms == 5.0
+    for hits in (1, 0):
+        run.count(StageResult(None, None, 2.0, 0.25, hits))
+    run.members_run.append("m0")
+    obs = run.observation("ok")
+    assert (obs.mode, obs.status, obs.members_run, obs.generation_s, obs.cache_hits) == \
+        ("ensemble", "ok", ["m0"], 0.5, 1)
+    assert obs.exit_depth is None and obs.budget_missed is False and obs.latency_s >= 0
