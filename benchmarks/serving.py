@@ -89,7 +89,6 @@ def latency_section(engine, reps: int) -> dict:
     import torch
 
     from npas_serve.ensemble import combine
-    from npas_serve.ensemble import combine
     from npas_serve.protocol.response import encode_request
 
     family, names, norm = engine.family, engine.names, engine.manifest.normalisation
