@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from npas_serve.data.base import Normalisation
+from npas_serve.data.base import Normalisation, ValidationSplit
 from npas_serve.errors import UserError
 from npas_serve.families.user import CODE_FILE, UserCode, family_name, read_reference, register_code, source_of
 from npas_serve.family import SHARED, Family, FamilySpec, build_family
@@ -46,6 +46,8 @@ class Manifest:
     example_shape: list[int] | None = None  # one example as the data holds it (and clients send it), e.g. [40];
                                             # None (older manifests): input_shape
     code: UserCode | None = None            # a user family's builder, its source in CODE_FILE
+    validation: ValidationSplit | None = None   # the training examples held out (None: older manifests)
+    search: dict[str, Any] | None = None    # a searched grouping's diagnostics (cosines, merges, K per bank)
 
     @property
     def request_shapes(self) -> list[tuple[int, ...]]:
@@ -67,7 +69,7 @@ class Manifest:
             raise UserError(f"manifest format is {d.get('format') if isinstance(d, dict) else d!r}, "
                             f"expected {FORMAT!r}")
         names = {f.name for f in fields(cls)}
-        missing = names - set(d) - {"report", "sha256", "format", "example_shape", "code"}
+        missing = names - set(d) - {"report", "sha256", "format", "example_shape", "code", "validation", "search"}
         if missing:
             raise UserError(f"manifest lacks {sorted(missing)}")
         try:
@@ -76,6 +78,8 @@ class Manifest:
             d["normalisation"] = Normalisation(**d["normalisation"])
             if d.get("code") is not None:
                 d["code"] = UserCode(**d["code"])
+            if d.get("validation") is not None:
+                d["validation"] = ValidationSplit(**d["validation"])
             return cls(**d)
         except (TypeError, ValueError) as err:
             raise UserError(f"manifest is malformed: {err}") from None

@@ -1,5 +1,5 @@
 """Datasets; importing this package registers mnist1d, digits and npz."""
-from npas_serve.data.base import Dataset, Normalisation
+from npas_serve.data.base import Dataset, Normalisation, ValidationSplit
 from npas_serve.data import digits, mnist1d, npz  # noqa: F401
 from npas_serve import registry
 
@@ -16,4 +16,4 @@ def load_dataset(spec: str, seed: int | None = None, num_classes: int | None = N
     return registry.create("dataset", spec, seed=seed)
 
 
-__all__ = ["Dataset", "Normalisation", "is_path", "load_dataset"]
+__all__ = ["Dataset", "Normalisation", "ValidationSplit", "is_path", "load_dataset"]

@@ -64,6 +64,39 @@ class Dataset:
         raise UserError(f"data '{self.name}' has examples of shape {self.input_shape}; the model takes {shape}")
 
 
+@dataclass(frozen=True)
+class ValidationSplit:
+    """Which training examples are held out for validation: the first `size` of a permutation of
+    the `of` training examples seeded by `seed`. Recorded in the manifest, so evaluation finds
+    the same examples again; the test set is used for the report only."""
+
+    fraction: float
+    seed: int
+    size: int
+    of: int
+
+    @classmethod
+    def of_data(cls, dataset: "Dataset", fraction: float = 0.1, seed: int = 0) -> "ValidationSplit":
+        n = len(dataset.y_train)
+        if not 0 < fraction < 1:
+            raise UserError(f"the validation fraction must lie in (0, 1), got {fraction}")
+        size = max(1, round(fraction * n))
+        if n - size < 2:
+            raise UserError(f"data '{dataset.name}' has {n} training examples: too few to hold out {fraction:.0%}")
+        return cls(fraction, seed, size, n)
+
+    def apply(self, dataset: "Dataset") -> tuple["Dataset", np.ndarray, np.ndarray]:
+        """(the dataset without the held-out examples, their inputs, their labels)."""
+        if len(dataset.y_train) != self.of:
+            raise UserError(f"data '{dataset.name}' has {len(dataset.y_train)} training examples; its validation "
+                            f"split was drawn from {self.of}")
+        order = np.random.default_rng(self.seed).permutation(self.of)
+        held, kept = np.sort(order[: self.size]), np.sort(order[self.size:])
+        train = Dataset(dataset.name, dataset.x_train[kept], dataset.y_train[kept], dataset.x_test, dataset.y_test,
+                        dataset.num_classes)
+        return train, dataset.x_train[held], dataset.y_train[held]
+
+
 def checked(name: str, x_train, y_train, x_test, y_test, num_classes: int | None = None) -> Dataset:
     """Validate arrays from any source into a Dataset, with errors a user can act on."""
     arrays = {"x": x_train, "y": y_train, "x_test": x_test, "y_test": y_test}

@@ -25,9 +25,10 @@ stem) gets several templates instead of a bank of a few parameters.
 See docs/methods.md#pooled-low-budget-superweights.
 
 Coefficient sharing (docs/methods.md#gradient-grouping-search, steps 1
-and 5): ``coefficient_ids`` gives each slot a class; slots of one class use one
-coefficient row in every bank they both draw on, so they generate the same
-(cropped) weight. `split_coefficients` refines the classes during training.
+and 5): ``coefficient_ids`` gives each slot a class, either one list for every
+bank or one list per bank (after unsharing, which splits banks separately);
+slots of one class use one coefficient row in a bank they both draw on, so
+they generate the same (cropped) piece. `split_coefficients` refines the classes.
 The ids are a constructor option, so they travel in the manifest's
 ``generator_kwargs`` and a checkpoint rebuilds with the right coefficient shapes.
 """
@@ -111,14 +112,12 @@ def split_budget(sizes: Sequence[int], users: Sequence[int], budget: int,
 @register_generator("superweights")
 class SuperWeights(WeightGenerator):
     def __init__(self, slots: Sequence[Slot], groups: Sequence[int], budget: int,
-                 max_templates: int = 8, coefficient_ids: Sequence[int] | None = None):
+                 max_templates: int = 8, coefficient_ids: Sequence[int] | Sequence[Sequence[int]] | None = None):
         super().__init__(slots, groups, budget)
         self.max_templates = max_templates
-        if coefficient_ids is not None and len(coefficient_ids) != len(self.slots):
-            raise ValueError(f"{len(coefficient_ids)} coefficient ids for {len(self.slots)} slots")
-        # None: every slot its own coefficient rows (the plain method)
-        self.coefficient_ids = None if coefficient_ids is None else [int(c) for c in coefficient_ids]
         self._banks, self._width = bank_layout(self.slots, self.groups)
+        # None: every slot its own coefficient rows (the plain method)
+        self.coefficient_ids = None if coefficient_ids is None else self._checked_ids(coefficient_ids)
         sizes = [b.size for b in self._banks]
         # below one template per (group, width), the widths of a group pool into one bank
         self.pooled = self.budget < sum(sizes)
@@ -143,11 +142,27 @@ class SuperWeights(WeightGenerator):
             self.coefficients.append(nn.Parameter(unit_orthogonal(1 + max(rows[b].values()), k)))
         self._index_pieces(rows)
 
+    def _checked_ids(self, ids: Sequence[int] | Sequence[Sequence[int]]) -> list[int] | list[list[int]]:
+        per_bank = len(ids) > 0 and isinstance(ids[0], (list, tuple))
+        lists = ids if per_bank else [ids]
+        if per_bank and len(ids) != len(self._banks):
+            raise ValueError(f"coefficient ids for {len(ids)} banks, the grouping has {len(self._banks)}")
+        for one in lists:
+            if len(one) != len(self.slots):
+                raise ValueError(f"{len(one)} coefficient ids for {len(self.slots)} slots")
+        return [[int(c) for c in one] for one in ids] if per_bank else [int(c) for c in ids]
+
+    def bank_classes(self) -> list[list[int]]:
+        """Per bank, every slot's coefficient class (a slot's own id when none is shared)."""
+        ids = self.coefficient_ids
+        if ids is None:
+            return [list(range(len(self.slots)))] * len(self._banks)
+        return ids if ids and isinstance(ids[0], list) else [ids] * len(self._banks)
+
     def _rows(self) -> list[dict[int, int]]:
         """Per bank, slot -> its coefficient row; slots of one coefficient class share a row."""
-        ids = self.coefficient_ids or range(len(self.slots))
         out = []
-        for bank in self._banks:
+        for bank, ids in zip(self._banks, self.bank_classes()):
             first: dict[int, int] = {}
             out.append({slot: first.setdefault(ids[slot], len(first)) for slot in bank.users})
         return out
@@ -166,16 +181,14 @@ class SuperWeights(WeightGenerator):
         Returns, for each coefficient parameter that grew, the old row each new row
         copies, so an optimiser's per-row state can follow (`index_select(0, rows)`).
         """
-        new_ids = [int(c) for c in coefficient_ids]
-        old_ids = self.coefficient_ids or list(range(len(self.slots)))
-        if len(new_ids) != len(self.slots):
-            raise ValueError(f"{len(new_ids)} coefficient ids for {len(self.slots)} slots")
-        merged = {}
-        for new, old in zip(new_ids, old_ids):
-            if merged.setdefault(new, old) != old:
-                raise ValueError("split_coefficients can only split classes, not merge them")
-        old_rows = self._rows()
-        self.coefficient_ids = new_ids
+        previous, old_classes, old_rows = self.coefficient_ids, self.bank_classes(), self._rows()
+        self.coefficient_ids = self._checked_ids(coefficient_ids)
+        for bank, old_ids, ids in zip(self._banks, old_classes, self.bank_classes()):
+            merged: dict[int, int] = {}
+            for slot in bank.users:
+                if merged.setdefault(ids[slot], old_ids[slot]) != old_ids[slot]:
+                    self.coefficient_ids = previous
+                    raise ValueError("split_coefficients can only split classes, not merge them")
         new_rows = self._rows()
         grown: dict[nn.Parameter, torch.Tensor] = {}
         for b, coeffs in enumerate(self.coefficients):

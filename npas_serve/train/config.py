@@ -1,6 +1,7 @@
 """The settings of a training run, with every default that depends on the run resolved here."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from npas_serve.errors import UserError
@@ -19,6 +20,7 @@ class TrainConfig:
     seed: int = 0
     search_epochs: int | None = None  # warm-up of a searched grouping; None: see `warm_up_epochs`
     unshare_epoch: int | None = None  # split shared coefficients after it; None: see `split_epoch`; 0: never
+    validation: float = 0.1           # fraction of the training examples held out, drawn with `seed`
 
     def checks(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
@@ -27,6 +29,8 @@ class TrainConfig:
             raise UserError(f"unknown optimizer {self.optimizer!r}; known: adamw, sgd")
         if self.schedule not in ("cosine", "step", "constant"):
             raise UserError(f"unknown schedule {self.schedule!r}; known: cosine, step, constant")
+        if not 0 < self.validation < 1:
+            raise UserError(f"the validation fraction must lie in (0, 1), got {self.validation}")
         if not (self.lr > 0) or self.weight_decay < 0:
             raise UserError(f"need lr > 0 and weight decay >= 0, got {self.lr} and {self.weight_decay}")
         if min(self.search_epochs or 1, 1 if self.unshare_epoch is None else self.unshare_epoch + 1) < 1:
@@ -36,9 +40,9 @@ class TrainConfig:
     # Our schedules are short (8-60 epochs, not the reference's 200), so the search's epoch
     # counts scale with the run: see docs/methods.md#gradient-grouping-search.
     def warm_up_epochs(self) -> int:
-        """Epochs of a searched grouping's warm-up: 10% of the run (reference 20/200), at least 2,
-        so the gradients come from a network past its first-epoch transient."""
-        return self.search_epochs if self.search_epochs is not None else max(2, round(0.1 * self.epochs))
+        """Epochs of a searched grouping's warm-up: at least 10% of the run (reference 20/200), at
+        least 2, so the gradients come from a network past its first-epoch transient."""
+        return self.search_epochs if self.search_epochs is not None else max(2, math.ceil(0.1 * self.epochs))
 
     def split_epoch(self) -> int:
         """The epoch after which shared coefficients are split: 5% of the run (reference 10/200),

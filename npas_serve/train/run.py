@@ -21,7 +21,7 @@ from torch import nn
 
 from npas_serve import registry
 from npas_serve.checkpoint import MANIFEST, Manifest, load_checkpoint, save_checkpoint
-from npas_serve.data import Dataset, is_path, load_dataset
+from npas_serve.data import Dataset, ValidationSplit, is_path, load_dataset
 from npas_serve.errors import UserError
 from npas_serve.families.user import input_ndim, is_reference, read_reference, register_code
 from npas_serve.family import Family, FamilySpec, build_family
@@ -107,6 +107,9 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
     else:
         spec, code = user_family(spec)
     data, dataset, example_shape = prepare_data(spec, data, data_seed)
+    held_out = manifest.validation if resume else ValidationSplit.of_data(dataset, cfg.validation, cfg.seed)
+    if held_out is not None:    # None: a checkpoint from before validation splits, trained on every example
+        dataset = held_out.apply(dataset)[0]
     norm = manifest.normalisation if resume else dataset.normalisation()
     x = torch.from_numpy(norm.apply(dataset.x_train))
     y = torch.from_numpy(dataset.y_train)
@@ -120,7 +123,8 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
             manifest = Manifest(spec=family.spec, member_names=family.names, num_exits=family.num_exits,
                                 input_shape=list(dataset.input_shape), num_classes=dataset.num_classes,
                                 normalisation=norm, budget_params=family.budget_params, data=data,
-                                example_shape=list(example_shape), code=code)
+                                example_shape=list(example_shape), code=code, validation=held_out,
+                                search=None if found is None else found.diagnostics)
         family.train()
         _check_shapes(family, x, dataset)
         manifest = _train_from(family, manifest, cfg, out, x, y, resume, progress, rank, world)
@@ -144,12 +148,15 @@ def fit(family: Family, data: Dataset | str, config: TrainConfig | None = None,
         raise UserError("fit takes a family made by share(), build_family() or a builder of yours")
     dataset = load_dataset(data) if isinstance(data, str) else data
     shaped = with_channels_for(family.members, dataset)
+    held_out = ValidationSplit.of_data(shaped, cfg.validation, cfg.seed)
+    shaped = held_out.apply(shaped)[0]
     norm = shaped.normalisation()
     x, y = torch.from_numpy(norm.apply(shaped.x_train)), torch.from_numpy(shaped.y_train)
     name = str(Path(data).resolve()) if isinstance(data, str) and is_path(data) else dataset.name
     manifest = Manifest(spec=family.spec, member_names=family.names, num_exits=family.num_exits,
                         input_shape=list(shaped.input_shape), num_classes=dataset.num_classes, normalisation=norm,
-                        budget_params=family.budget_params, data=name, example_shape=list(dataset.input_shape))
+                        budget_params=family.budget_params, data=name, example_shape=list(dataset.input_shape),
+                        validation=held_out)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -193,7 +200,8 @@ def _train_from(family: Family, manifest: Manifest, cfg: TrainConfig, out: Path 
                 continue
             spec = current.spec
             current = replace(current, spec=replace(spec, generator_kwargs={
-                **spec.generator_kwargs, "coefficient_ids": split.coefficient_ids}))
+                **spec.generator_kwargs, "coefficient_ids": split.coefficient_ids}),
+                search={**(current.search or {}), "unshare": split.diagnostics})
             follow_grown_parameters(optimizer, split.grown)
             if world > 1:
                 model = nn.parallel.DistributedDataParallel(family)   # parameters changed shape
