@@ -24,7 +24,7 @@ from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step
 from npas_serve.engine.run import Observation, RequestRun
 from npas_serve.engine.scheduler import FifoScheduler
 from npas_serve.engine.stages import StageResult, StageRunner
-from npas_serve.ensemble import combine
+from npas_serve.ensemble import Temperatures, combine
 from npas_serve.family import Family
 from npas_serve.protocol.request import InferenceRequest, RequestError, RequestLimits, parse_request
 from npas_serve.protocol.response import InferenceResponse
@@ -40,6 +40,7 @@ class EngineConfig:
     model_name: str = "npas"
     model_version: str = "1"
     freeze: bool = False                 # generate every member once at load, then run plain modules
+    trust_code: bool = False             # load a checkpoint carrying its family's code (runs that code)
 
 
 class Engine:
@@ -51,7 +52,8 @@ class Engine:
         self.names = list(family.names)
         self.num_exits = family.num_exits
         self.limits = RequestLimits(tuple(manifest.input_shape), tuple(self.names), self.num_exits,
-                                    self.config.max_batch, self.config.max_payload_bytes)
+                                    self.config.max_batch, self.config.max_payload_bytes,
+                                    example_shapes=tuple(manifest.request_shapes))
         self.cache = WeightCache(self.config.cache_bytes)
         # frozen: any generator's weights baked once into plain members (Family.freeze); no generation per request
         self._frozen = ([family.freeze(m).eval() for m in range(len(self.names))]
@@ -63,11 +65,12 @@ class Engine:
         self.cost = CostModel(len(self.names), self.num_exits)
         self.cost.fit(self._time_member, self.config.warmup_batch_sizes)
         self.planner = Planner.from_manifest(self.cost, self.names, manifest)
+        self.temperatures = Temperatures.from_report(manifest.report)   # fitted on validation by `eval`
 
     @classmethod
     def load(cls, checkpoint: str | Path, config: EngineConfig | None = None) -> "Engine":
         config = config or EngineConfig()
-        family, manifest = load_checkpoint(Path(checkpoint), config.device)
+        family, manifest = load_checkpoint(Path(checkpoint), config.device, trust_code=config.trust_code)
         return cls(family, manifest, config)
 
     # --- public surface ---------------------------------------------------------------------
@@ -181,9 +184,12 @@ class Engine:
     def _respond(self, run: RequestRun, voters: Sequence[torch.Tensor], exit_reached: int | None,
                  final: bool) -> InferenceResponse:
         """Ensemble: the mean of the members' probabilities. Anytime: the latest exit's,
-        with the exits run so far as the voters of its disagreement."""
+        with the exits run so far as the voters of its disagreement. Either is calibrated at
+        its temperature (per ensemble size, or per member's exit)."""
         request, plan = run.request, run.plan
-        c = combine(voters, None if exit_reached is None else voters[-1])
+        temperature = (self.temperatures.for_ensemble(len(voters)) if exit_reached is None
+                       else self.temperatures.for_exit(self.names[plan.members[0]], exit_reached))
+        c = combine(voters, None if exit_reached is None else voters[-1], temperature)
         latency = run.elapsed_ms()
         if exit_reached is None:
             plan_names = [self.names[m] for m in plan.members]
@@ -195,7 +201,7 @@ class Engine:
             predictions=c.predictions.cpu().tolist(), probabilities=c.probabilities.float().cpu().numpy(),
             entropy=c.entropy.cpu().tolist(), disagreement=c.disagreement.cpu().tolist(),
             members_used=list(run.members_run), exit_reached=exit_reached, plan=plan_names, latency_ms=latency,
-            latency_budget_ms=request.latency_budget_ms,
+            budget_ms=request.budget_ms,
             budget_met=None if run.budget_ms is None else latency <= run.budget_ms, final=final)
 
     def _notify(self, observation: Observation) -> None:

@@ -52,7 +52,7 @@ class RequestRun:
     @classmethod
     def start(cls, request: InferenceRequest) -> "RequestRun":
         return cls(request, time.perf_counter(),
-                   effective_budget_ms(request.latency_budget_ms, request.deadline_unix_ms, time.time() * 1000))
+                   effective_budget_ms(request.budget_ms, request.deadline_unix_ms, time.time() * 1000))
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000

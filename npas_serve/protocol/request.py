@@ -65,7 +65,7 @@ class InferenceRequest:
     ensemble_size: int | None = None    # None means auto (all, or what the budget allows)
     members: tuple[str, ...] | None = None
     exit: int | None = None             # None means auto (deepest, or what budget/confidence allows)
-    latency_budget_ms: float | None = None
+    budget_ms: float | None = None      # milliseconds; on the wire: latency_budget_ms
     deadline_unix_ms: float | None = None
     min_confidence: float | None = None
     stream: bool = False
@@ -104,7 +104,7 @@ def parse_request(fields: Mapping[str, bytes | str], limits: RequestLimits) -> I
         members=members,
         exit=_integer("exit", values.get("exit"), 0, limits.num_exits - 1,
                       f"an exit index from 0 to {limits.num_exits - 1}"),
-        latency_budget_ms=_number("latency_budget_ms", values.get("latency_budget_ms"), 0.0, limits.max_budget_ms,
+        budget_ms=_number("latency_budget_ms", values.get("latency_budget_ms"), 0.0, limits.max_budget_ms,
                                   f"milliseconds greater than 0 and at most {limits.max_budget_ms:g}"),
         deadline_unix_ms=_number("deadline_unix_ms", values.get("deadline_unix_ms"), 0.0, math.inf,
                                  "a positive time in milliseconds since the Unix epoch"),

@@ -36,7 +36,7 @@ class InferenceResponse:
     exit_reached: int | None               # anytime mode: the exit the answer comes from; None for ensemble
     plan: list[str]                        # the steps planned, e.g. ["m0", "m2"] or ["m1:e0", "m1:e1"]
     latency_ms: float
-    latency_budget_ms: float | None
+    budget_ms: float | None                # the request's budget; on the wire: latency_budget_ms
     budget_met: bool | None                # None when no budget was given
     final: bool = True                     # False on streamed intermediate answers
 
@@ -54,7 +54,7 @@ def encode_response(resp: InferenceResponse, fmt: str) -> bytes:
             "members_used": list(resp.members_used),
             "exit_reached": None if resp.exit_reached is None else int(resp.exit_reached),
             "plan": list(resp.plan), "latency_ms": float(resp.latency_ms),
-            "latency_budget_ms": None if resp.latency_budget_ms is None else float(resp.latency_budget_ms),
+            "latency_budget_ms": None if resp.budget_ms is None else float(resp.budget_ms),
             "budget_met": None if resp.budget_met is None else bool(resp.budget_met),
             "final": bool(resp.final),
         }
@@ -70,8 +70,8 @@ def encode_response(resp: InferenceResponse, fmt: str) -> bytes:
             latency_ms=resp.latency_ms, final=resp.final)
         if resp.exit_reached is not None:
             msg.exit_reached = resp.exit_reached
-        if resp.latency_budget_ms is not None:
-            msg.latency_budget_ms = resp.latency_budget_ms
+        if resp.budget_ms is not None:
+            msg.latency_budget_ms = resp.budget_ms
         if resp.budget_met is not None:
             msg.budget_met = resp.budget_met
         return msg.SerializeToString()
@@ -96,7 +96,7 @@ def decode_response(payload: bytes) -> InferenceResponse:
         members_used=list(msg.members_used),
         exit_reached=msg.exit_reached if msg.HasField("exit_reached") else None,
         plan=list(msg.plan), latency_ms=msg.latency_ms,
-        latency_budget_ms=msg.latency_budget_ms if msg.HasField("latency_budget_ms") else None,
+        budget_ms=msg.latency_budget_ms if msg.HasField("latency_budget_ms") else None,
         budget_met=msg.budget_met if msg.HasField("budget_met") else None,
         final=msg.final if msg.HasField("final") else True,
     )
@@ -152,7 +152,7 @@ def _from_json(obj: dict) -> InferenceResponse:
             entropy=list(obj["entropy"]), disagreement=list(obj["disagreement"]),
             members_used=list(obj["members_used"]), exit_reached=obj.get("exit_reached"),
             plan=list(obj["plan"]), latency_ms=obj["latency_ms"],
-            latency_budget_ms=obj.get("latency_budget_ms"), budget_met=obj.get("budget_met"),
+            budget_ms=obj.get("latency_budget_ms"), budget_met=obj.get("budget_met"),
             final=obj.get("final", True),
         )
     except KeyError as exc:

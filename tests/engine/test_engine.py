@@ -73,8 +73,8 @@ def test_anytime_stops_at_min_confidence(engine, x):
 
 
 def test_budget_is_reported(engine, x):
-    roomy = engine.answer(InferenceRequest(inputs=x, latency_budget_ms=50_000))
-    assert roomy.budget_met is True and roomy.latency_budget_ms == 50_000
+    roomy = engine.answer(InferenceRequest(inputs=x, budget_ms=50_000))
+    assert roomy.budget_met is True and roomy.budget_ms == 50_000
     assert engine.answer(InferenceRequest(inputs=x)).budget_met is None
 
 

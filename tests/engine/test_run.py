@@ -18,7 +18,7 @@ def test_the_tighter_of_budget_and_deadline_counts():
 
 
 def test_stage_results_add_up_in_the_observation():
-    run = RequestRun.start(InferenceRequest(inputs=np.zeros((1, 2), np.float32), latency_budget_ms=5.0))
+    run = RequestRun.start(InferenceRequest(inputs=np.zeros((1, 2), np.float32), budget_ms=5.0))
     assert run.budget_ms == 5.0
     for hits in (1, 0):
         run.count(StageResult(None, None, 2.0, 0.25, hits))

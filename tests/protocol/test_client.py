@@ -27,8 +27,8 @@ def answer(req, final=True, members=("m0", "m1")) -> InferenceResponse:
         request_id=req.request_id, model_name="npas", model_version="1.0", mode=req.mode,
         predictions=[0] * b, probabilities=np.full((b, 2), 0.5, np.float32), entropy=[0.69] * b,
         disagreement=[0.0] * b, members_used=list(members), exit_reached=None, plan=["m0", "m1"],
-        latency_ms=1.0, latency_budget_ms=req.latency_budget_ms,
-        budget_met=None if req.latency_budget_ms is None else True, final=final)
+        latency_ms=1.0, budget_ms=req.budget_ms,
+        budget_met=None if req.budget_ms is None else True, final=final)
 
 
 class Servicer(inference_pb2_grpc.InferenceAPIsServiceServicer):

@@ -44,7 +44,7 @@ def check_contract(fields):
         assert set(req.members) <= set(LIMITS.member_names) and len(set(req.members)) == len(req.members) > 0
         assert req.ensemble_size in (None, len(req.members))
     assert req.exit is None or 0 <= req.exit < LIMITS.num_exits
-    assert req.latency_budget_ms is None or 0 < req.latency_budget_ms <= LIMITS.max_budget_ms
+    assert req.budget_ms is None or 0 < req.budget_ms <= LIMITS.max_budget_ms
     assert req.deadline_unix_ms is None or (req.deadline_unix_ms > 0 and math.isfinite(req.deadline_unix_ms))
     assert req.min_confidence is None or 0 <= req.min_confidence <= 1
     assert isinstance(req.stream, bool) and isinstance(req.request_id, str) and 0 < len(req.request_id) <= 128

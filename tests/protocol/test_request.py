@@ -162,7 +162,7 @@ def test_defaults_from_nested_json():
     np.testing.assert_array_equal(req.inputs, np.full((1, 1, 8), 0.5, np.float32))
     assert (req.mode, req.ensemble_size, req.members, req.exit, req.stream, req.payload_format) == \
            ("ensemble", None, None, None, False, "json")
-    assert (req.latency_budget_ms, req.deadline_unix_ms, req.min_confidence) == (None, None, None)
+    assert (req.budget_ms, req.deadline_unix_ms, req.min_confidence) == (None, None, None)
     assert len(req.request_id) == 32 and int(req.request_id, 16) >= 0
     assert parse_request(js(), LIMITS).request_id != req.request_id
 
@@ -183,7 +183,7 @@ def test_protobuf_with_every_knob():
                            stream=True, request_id="abc-1"), LIMITS)
     np.testing.assert_array_equal(req.inputs, x)
     assert req == InferenceRequest(inputs=req.inputs, mode="anytime", ensemble_size=2, members=("m1", "m3"),
-                                   exit=2, latency_budget_ms=12.5, deadline_unix_ms=1.7e12,
+                                   exit=2, budget_ms=12.5, deadline_unix_ms=1.7e12,
                                    min_confidence=0.9, stream=True, request_id="abc-1",
                                    payload_format="protobuf")
 
@@ -206,7 +206,7 @@ def test_protobuf_starting_like_json_falls_back():
 def test_json_knobs_and_body_key():
     req = parse_request({"body": js(mode="anytime", exit=1, min_confidence=0.8, latency_budget_ms=20,
                                     stream=True, request_id="r1")["data"]}, LIMITS)
-    assert (req.mode, req.exit, req.min_confidence, req.latency_budget_ms, req.stream, req.request_id) == \
+    assert (req.mode, req.exit, req.min_confidence, req.budget_ms, req.stream, req.request_id) == \
            ("anytime", 1, 0.8, 20.0, True, "r1")
 
 
@@ -230,7 +230,7 @@ def test_map_keys_override_payload():
     req = parse_request(fields, LIMITS)
     assert (req.mode, req.ensemble_size, req.members, req.exit, req.stream) == \
            ("anytime", 2, ("m0", "m2"), None, True)
-    assert (req.latency_budget_ms, req.deadline_unix_ms, req.min_confidence, req.request_id) == \
+    assert (req.budget_ms, req.deadline_unix_ms, req.min_confidence, req.request_id) == \
            (12.5, 1.7e12, 0.75, "from-map")
 
 
@@ -243,7 +243,7 @@ def test_limits_boundaries_accepted():
     req = parse_request(js(inputs=ONE * 4, ensemble_size=4, exit=2, latency_budget_ms=1000,
                            min_confidence=0), LIMITS)
     assert req.inputs.shape[0] == 4 and req.ensemble_size == 4 and req.exit == 2
-    assert req.latency_budget_ms == 1000.0 and req.min_confidence == 0.0
+    assert req.budget_ms == 1000.0 and req.min_confidence == 0.0
 
 
 @pytest.mark.parametrize("fmt", ["protobuf", "raw-json"])

@@ -19,7 +19,7 @@ def answer(**changes) -> InferenceResponse:
         predictions=[int(p) for p in probs.argmax(1)], probabilities=probs,
         entropy=[0.25, 1.0 / 3.0, 2.2], disagreement=[0.0, 0.5, 1.0 / 3.0],
         members_used=["m0", "m2"], exit_reached=None, plan=["m0", "m2", "m3"],
-        latency_ms=3.141592653589793, latency_budget_ms=None, budget_met=None)
+        latency_ms=3.141592653589793, budget_ms=None, budget_met=None)
     return dataclasses.replace(base, **changes)
 
 
@@ -33,8 +33,8 @@ def assert_same(a: InferenceResponse, b: InferenceResponse):
 CASES = {
     "ensemble": answer(),
     "anytime intermediate": answer(mode="anytime", exit_reached=0, members_used=["m1"], plan=["m1:e0", "m1:e1"],
-                                   final=False, latency_budget_ms=25.0, budget_met=True),
-    "budget missed": answer(latency_budget_ms=0.5, budget_met=False),
+                                   final=False, budget_ms=25.0, budget_met=True),
+    "budget missed": answer(budget_ms=0.5, budget_met=False),
     "exit zero": answer(mode="anytime", exit_reached=0),
     "request id starting like json": answer(request_id="r" * 123),  # proto bytes begin with '\n{'
     "empty strings": answer(request_id="", model_version=""),
@@ -91,7 +91,7 @@ def test_client_payload_parses_back(fmt):
     req = parse_request({"data": encode_request(x, fmt, **knobs)}, LIMITS)
     np.testing.assert_array_equal(req.inputs, x.astype(np.float32))
     assert req.payload_format == fmt
-    got = {k: getattr(req, k) for k in knobs}
+    got = {k: getattr(req, "budget_ms" if k == "latency_budget_ms" else k) for k in knobs}
     assert got == {**knobs, "ensemble_size": 2}
 
 
