@@ -1,8 +1,11 @@
 """Evaluation: accuracy, NLL and calibration per member, per exit and per ensemble size.
 
-The report also counts FLOPs (to reach each exit) and parameters: the bank
-against what the members would need unshared. The planner reads the report
-from the manifest to decide which members or exits are worth their cost.
+The validation split recorded in the manifest (training examples held out) chooses
+everything: the member order that `ensemble_size=k` takes, the accuracies the
+planner reads, and a temperature per ensemble size and per exit that every answer
+applies (`npas_serve.ensemble`). The test set only scores, after calibration, with
+the uncalibrated NLL and ECE beside. The report also counts FLOPs (to reach each
+exit) and parameters: the bank against what the members would need unshared.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import nn
 
 from npas_serve.checkpoint import MANIFEST, Manifest, write_json
 from npas_serve.data.base import Dataset
-from npas_serve.ensemble import combine
+from npas_serve.ensemble import Temperatures, calibrate, combine, fit_temperature
 from npas_serve.family import Family
 from npas_serve.layers import SharedLayer
 
@@ -34,6 +37,10 @@ class ExitScore(Scores):
     member: str
     exit: int
     flops: int            # to reach this exit, stages 0..exit and this exit's head
+    val_accuracy: float | None = None    # on the validation split: what the planner reads
+    temperature: float = 1.0             # nll and ece are at it; the uncalibrated ones:
+    nll_before: float | None = None
+    ece_before: float | None = None
 
 
 @dataclass
@@ -41,6 +48,10 @@ class EnsembleScore(Scores):
     size: int
     members: list[str]
     flops: int
+    val_accuracy: float | None = None
+    temperature: float = 1.0
+    nll_before: float | None = None
+    ece_before: float | None = None
 
 
 @dataclass
@@ -65,11 +76,13 @@ class ParamCount:
 class Report:
     data: str
     num_test: int
-    member_order: list[str]         # best final-exit accuracy first; ensemble size k uses the first k
+    member_order: list[str]         # best validation final-exit accuracy first; ensemble size k uses the first k
     exits: list[ExitScore]
     ensembles: list[EnsembleScore]
     params: ParamCount
     diagnostics: dict[str, float] = field(default_factory=dict)   # the generator's own figures, if any
+    num_validation: int = 0         # 0: the manifest records no validation split (test chose, as before)
+    temperatures: dict[str, Any] = field(default_factory=dict)    # `ensemble.Temperatures`, for every answer
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -84,10 +97,16 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         p = {k: v for k, v in d["params"].items() if k in ParamCount.__dataclass_fields__}
         return cls(d["data"], d["num_test"], d["member_order"], [ExitScore(**e) for e in d["exits"]],
-                   [EnsembleScore(**e) for e in d["ensembles"]], ParamCount(**p), d.get("diagnostics", {}))
+                   [EnsembleScore(**e) for e in d["ensembles"]], ParamCount(**p), d.get("diagnostics", {}),
+                   d.get("num_validation", 0), d.get("temperatures", {}))
 
     def exit_score(self, member: str, exit: int) -> ExitScore:
         return next(e for e in self.exits if e.member == member and e.exit == exit)
+
+    def planning_accuracy(self, member: str, exit: int) -> float:
+        """The accuracy the planner weighs an exit by: on validation (test, for reports without one)."""
+        score = self.exit_score(member, exit)
+        return score.accuracy if score.val_accuracy is None else score.val_accuracy
 
 
 def scores(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> Scores:
@@ -154,24 +173,50 @@ def param_count(family: Family) -> ParamCount:
 
 
 def evaluate(family: Family, manifest: Manifest, dataset: Dataset) -> Report:
+    """Order, planner accuracies and temperatures from the manifest's validation split; scores on test.
+
+    A manifest without a split (trained before splits existed) is ordered by test accuracy, uncalibrated.
+    """
     x = torch.from_numpy(manifest.normalisation.apply(dataset.x_test))
     y = torch.from_numpy(dataset.y_test)
     probs = exit_probs(family, x)
+    val = None
+    if manifest.validation is not None:
+        _, xv, yv = manifest.validation.apply(dataset)
+        val = (exit_probs(family, torch.from_numpy(manifest.normalisation.apply(xv))), torch.from_numpy(yv))
     flops = count_flops(family, tuple(manifest.input_shape))
     names = family.names
-    exits = [ExitScore(**asdict(scores(probs[m, e], y)), member=names[m], exit=e, flops=flops[m][e])
-             for m in range(len(names)) for e in range(probs.shape[1])]
-    last = probs.shape[1] - 1
+    num_exits, last = probs.shape[1], probs.shape[1] - 1
+
+    def scored(test: torch.Tensor, held: torch.Tensor | None) -> dict[str, Any]:
+        """Test scores at the temperature fitted on the validation probabilities `held`."""
+        if held is None:
+            return asdict(scores(test, y))
+        t = fit_temperature(held, val[1])
+        before, after = scores(test, y), scores(calibrate(test, t), y)
+        return {**asdict(after), "val_accuracy": scores(held, val[1]).accuracy, "temperature": t,
+                "nll_before": before.nll, "ece_before": before.ece}
+
+    exits = [ExitScore(**scored(probs[m, e], None if val is None else val[0][m, e]), member=names[m], exit=e,
+                       flops=flops[m][e]) for m in range(len(names)) for e in range(num_exits)]
+
+    def chosen_by(m: int) -> float:
+        score = exits[m * num_exits + last]
+        return score.accuracy if score.val_accuracy is None else score.val_accuracy
+
     # best final exit first; ties go to the cheaper member
-    order = sorted(range(len(names)), key=lambda m: (-exits[m * probs.shape[1] + last].accuracy, flops[m][last]))
+    order = sorted(range(len(names)), key=lambda m: (-chosen_by(m), flops[m][last]))
     ensembles = []
     for k in range(1, len(names) + 1):
         chosen = order[:k]
         mean = combine(list(probs[chosen, last])).probabilities
-        ensembles.append(EnsembleScore(**asdict(scores(mean, y)), size=k, members=[names[m] for m in chosen],
+        held = None if val is None else combine(list(val[0][chosen, last])).probabilities
+        ensembles.append(EnsembleScore(**scored(mean, held), size=k, members=[names[m] for m in chosen],
                                        flops=sum(flops[m][last] for m in chosen)))
+    temperatures = Temperatures([e.temperature for e in ensembles],
+                                {n: [e.temperature for e in exits if e.member == n] for n in names})
     return Report(manifest.data, len(y), [names[m] for m in order], exits, ensembles, param_count(family),
-                  family.generator.diagnostics())
+                  family.generator.diagnostics(), 0 if val is None else len(val[1]), temperatures.to_dict())
 
 
 def write_report(report: Report, manifest: Manifest, directory: Path) -> None:
@@ -223,7 +268,12 @@ def summary_lines(report: Report) -> list[str]:
         row = [x for x in report.exits if x.member == name]
         lines.append(f"{name:<16}" + "".join(f"  {100 * x.accuracy:8.2f}%" for x in row))
     for e in report.ensembles:
-        lines.append(f"ensemble of {e.size}: acc {100 * e.accuracy:.2f}%  nll {e.nll:.4f}  ece {e.ece:.4f}")
+        calibrated = "" if e.ece_before is None else f" (T {e.temperature:.2f}; before: nll {e.nll_before:.4f}  " \
+                                                     f"ece {e.ece_before:.4f})"
+        lines.append(f"ensemble of {e.size}: acc {100 * e.accuracy:.2f}%  nll {e.nll:.4f}  ece {e.ece:.4f}"
+                     + calibrated)
+    lines.append(f"order and temperatures from {report.num_validation} validation examples" if report.num_validation
+                 else "no validation split in the manifest: order from test accuracy, uncalibrated")
     lines.append(f"bank {p.bank:,} params (+{p.coefficients:,} coefficients, {sum(p.private.values()):,} "
                  f"norms/heads); members unshared {p.unshared_total:,} "
                  f"(÷{len(p.unshared)} = {p.unshared_total // len(p.unshared):,})")

@@ -1,13 +1,16 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from npas_serve.checkpoint import MANIFEST, load_checkpoint, read_manifest
-from npas_serve.data import load_dataset
-from npas_serve.evaluate import REPORT, Report, count_flops, evaluate, param_count, scores, write_report
+from npas_serve.data import ValidationSplit, load_dataset
+from npas_serve.ensemble import Temperatures, calibrate, combine, nll
+from npas_serve.evaluate import (REPORT, Report, count_flops, evaluate, exit_probs, param_count, scores,
+                                 summary_lines, write_report)
 from npas_serve.family import FamilySpec, Member, build_family, share
 
 
@@ -117,3 +120,43 @@ def test_report_files_and_manifest(evaluated):
     assert read_manifest(directory).report == on_disk
     assert json.loads((directory / MANIFEST).read_text())["report"]["member_order"] == report.member_order
     load_checkpoint(directory)        # writing the report kept the checkpoint loadable
+
+
+def test_validation_chooses_order_planner_accuracies_and_temperatures(evaluated):
+    """The manifest's held-out training examples order the members and fit the temperatures;
+    the test set only scores (calibrated, with the uncalibrated figures beside)."""
+    directory, family, report = evaluated
+    manifest = read_manifest(directory)
+    split = manifest.validation
+    assert split is not None and report.num_validation == split.size > 0
+    final = {n: report.exit_score(n, 2) for n in family.names}
+    assert report.member_order == sorted(family.names, key=lambda n: (-final[n].val_accuracy, final[n].flops))
+    assert all(report.planning_accuracy(n, e) == report.exit_score(n, e).val_accuracy
+               for n in family.names for e in range(3))
+    # the temperatures the engine reads are the fitted ones, and they minimise validation NLL
+    temps = Temperatures.from_report(manifest.report)
+    assert temps.ensemble == [e.temperature for e in report.ensembles]
+    dataset = load_dataset("mnist1d").with_channels(1)
+    _, xv, yv = split.apply(dataset)
+    probs = exit_probs(family, torch.from_numpy(manifest.normalisation.apply(xv)))
+    yv = torch.from_numpy(yv)
+    for e in report.ensembles:
+        order = [family.names.index(n) for n in e.members]
+        held = combine(list(probs[order, 2])).probabilities
+        assert nll(calibrate(held, e.temperature), yv) <= nll(held, yv) + 1e-6
+        assert e.ece_before is not None and e.nll_before is not None and e.temperature != 1.0
+    assert "validation examples" in "\n".join(summary_lines(report))
+
+
+def test_the_validation_split_is_seeded_disjoint_and_held_out_of_training():
+    dataset = load_dataset("mnist1d")
+    split = ValidationSplit.of_data(dataset, 0.1, seed=3)
+    train, xv, yv = split.apply(dataset)
+    assert len(yv) == split.size == round(0.1 * len(dataset.y_train)) and len(train.y_train) + len(yv) == split.of
+    again = ValidationSplit.of_data(dataset, 0.1, seed=3).apply(dataset)
+    assert np.array_equal(again[1], xv)
+    other = ValidationSplit.of_data(dataset, 0.1, seed=4).apply(dataset)
+    assert not np.array_equal(other[1], xv)
+    rows = {r.tobytes() for r in train.x_train}
+    assert not any(r.tobytes() in rows for r in xv)          # nothing held out is trained on
+    assert np.array_equal(train.x_test, dataset.x_test)

@@ -24,7 +24,7 @@ from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step
 from npas_serve.engine.run import Observation, RequestRun
 from npas_serve.engine.scheduler import FifoScheduler
 from npas_serve.engine.stages import StageResult, StageRunner
-from npas_serve.ensemble import combine
+from npas_serve.ensemble import Temperatures, combine
 from npas_serve.family import Family
 from npas_serve.protocol.request import InferenceRequest, RequestError, RequestLimits, parse_request
 from npas_serve.protocol.response import InferenceResponse
@@ -65,6 +65,7 @@ class Engine:
         self.cost = CostModel(len(self.names), self.num_exits)
         self.cost.fit(self._time_member, self.config.warmup_batch_sizes)
         self.planner = Planner.from_manifest(self.cost, self.names, manifest)
+        self.temperatures = Temperatures.from_report(manifest.report)   # fitted on validation by `eval`
 
     @classmethod
     def load(cls, checkpoint: str | Path, config: EngineConfig | None = None) -> "Engine":
@@ -183,9 +184,12 @@ class Engine:
     def _respond(self, run: RequestRun, voters: Sequence[torch.Tensor], exit_reached: int | None,
                  final: bool) -> InferenceResponse:
         """Ensemble: the mean of the members' probabilities. Anytime: the latest exit's,
-        with the exits run so far as the voters of its disagreement."""
+        with the exits run so far as the voters of its disagreement. Either is calibrated at
+        its temperature (per ensemble size, or per member's exit)."""
         request, plan = run.request, run.plan
-        c = combine(voters, None if exit_reached is None else voters[-1])
+        temperature = (self.temperatures.for_ensemble(len(voters)) if exit_reached is None
+                       else self.temperatures.for_exit(self.names[plan.members[0]], exit_reached))
+        c = combine(voters, None if exit_reached is None else voters[-1], temperature)
         latency = run.elapsed_ms()
         if exit_reached is None:
             plan_names = [self.names[m] for m in plan.members]

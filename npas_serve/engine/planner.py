@@ -109,7 +109,7 @@ class Planner:
             acc = np.tile(np.arange(1, e + 1) / e, (m, 1))
             order = list(range(m))
         else:
-            acc = np.array([[report.exit_score(n, x).accuracy for x in range(e)] for n in names])
+            acc = np.array([[report.planning_accuracy(n, x) for x in range(e)] for n in names])
             order = [list(names).index(n) for n in report.member_order]
         return cls(cost, acc[:, -1], acc, order)
 

@@ -7,7 +7,7 @@ import torch
 
 from npas_serve.checkpoint import load_checkpoint
 from npas_serve.engine import Engine, EngineConfig
-from npas_serve.ensemble import combine
+from npas_serve.ensemble import Temperatures, combine
 from npas_serve.layers import SharedLayer
 from npas_serve.protocol import InferenceRequest
 
@@ -30,19 +30,27 @@ def direct_probs(checkpoint, x) -> torch.Tensor:
         return torch.stack([e[-1].softmax(-1) for e in family(torch.from_numpy(norm.apply(x)))])
 
 
+def temperatures(engine) -> Temperatures:
+    """What `eval` fitted on the validation split; every answer is calibrated at them."""
+    found = Temperatures.from_report(engine.manifest.report)
+    assert len(found.ensemble) == len(engine.names) and any(t != 1.0 for t in found.ensemble)
+    return found
+
+
 def test_ensemble_is_the_mean_of_the_chosen_members(engine, served_checkpoint, x):
     probs = direct_probs(served_checkpoint, x)
     order = [engine.names.index(n) for n in engine.manifest.report["member_order"]]
     for k in range(1, len(engine.names) + 1):
         answer = engine.answer(InferenceRequest(inputs=x, ensemble_size=k))
         assert answer.members_used == [engine.names[m] for m in order[:k]]
-        np.testing.assert_allclose(answer.probabilities, combine(list(probs[order[:k]])).probabilities.numpy(),
-                                   atol=1e-5)
+        expected = combine(list(probs[order[:k]]), temperature=temperatures(engine).for_ensemble(k))
+        np.testing.assert_allclose(answer.probabilities, expected.probabilities.numpy(), atol=1e-5)
 
 
 def test_uncertainty_is_entropy_and_disagreement(engine, served_checkpoint, x):
     """The engine answers with `combine` of the members' softmax (its maths: tests/test_ensemble.py)."""
-    expected = combine(list(direct_probs(served_checkpoint, x)))
+    expected = combine(list(direct_probs(served_checkpoint, x)),
+                       temperature=temperatures(engine).for_ensemble(len(engine.names)))
     answer = engine.answer(InferenceRequest(inputs=x))
     assert answer.predictions == expected.predictions.tolist()
     np.testing.assert_allclose(answer.entropy, expected.entropy.numpy(), atol=1e-4)
@@ -54,7 +62,7 @@ def test_anytime_uncertainty_is_the_latest_exit_judged_by_the_exits_so_far(engin
     answer = engine.answer(InferenceRequest(inputs=x, mode="anytime", members=(engine.names[0],), exit=1))
     with torch.no_grad():
         exits = [o.softmax(-1) for o in family.iter_exits(torch.from_numpy(manifest.normalisation.apply(x)), 0, 1)]
-    expected = combine(exits, exits[-1])
+    expected = combine(exits, exits[-1], temperatures(engine).for_exit(engine.names[0], 1))
     np.testing.assert_allclose(answer.probabilities, expected.probabilities.numpy(), atol=1e-5)
     np.testing.assert_allclose(answer.entropy, expected.entropy.numpy(), atol=1e-4)
     np.testing.assert_allclose(answer.disagreement, expected.disagreement.numpy())
