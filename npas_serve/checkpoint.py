@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +23,7 @@ from npas_serve.data.base import Normalisation, ValidationSplit
 from npas_serve.errors import UserError
 from npas_serve.families.user import CODE_FILE, UserCode, family_name, read_reference, register_code, source_of
 from npas_serve.family import SHARED, Family, FamilySpec, build_family
-from npas_serve.files import write_atomic
+from npas_serve.files import write_atomic, write_dir_atomic
 
 FORMAT = "npas-serve/1"
 TENSORS = "model.safetensors"
@@ -108,14 +109,21 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     return sha256_file(path)
 
 
-def save_checkpoint(directory: Path, family: Family, manifest: Manifest) -> Manifest:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if manifest.code is not None:       # the builder's source travels with the tensors
-        source = source_of(manifest.code)
-        write_atomic(directory / CODE_FILE, lambda tmp: Path(tmp).write_bytes(source))
-    manifest.sha256 = save_tensors(directory / TENSORS, family.state_dict())
-    write_json(directory / MANIFEST, manifest.to_dict())
+def save_checkpoint(directory: Path, family: Family, manifest: Manifest,
+                    also: Callable[[Path], None] | None = None) -> Manifest:
+    """Write the checkpoint into a new directory that replaces `directory` as a whole, so an
+    interruption leaves the previous checkpoint or this one, never tensors without their manifest.
+    `also(dir)` writes more files into the same new directory (the training state, for --resume)."""
+    def fill(tmp: Path) -> None:
+        if manifest.code is not None:       # the builder's source travels with the tensors
+            source = source_of(manifest.code)
+            write_atomic(tmp / CODE_FILE, lambda path: Path(path).write_bytes(source))
+        manifest.sha256 = save_tensors(tmp / TENSORS, family.state_dict())
+        write_json(tmp / MANIFEST, manifest.to_dict())
+        if also is not None:
+            also(tmp)
+
+    write_dir_atomic(Path(directory), fill)
     return manifest
 
 
@@ -153,16 +161,17 @@ def read_manifest(directory: Path) -> Manifest:
     if not path.is_file():
         raise UserError(f"{directory} is not a checkpoint: {MANIFEST} is missing")
     try:
-        return Manifest.from_dict(json.loads(path.read_text()))
+        manifest = Manifest.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON: {err}") from None
+    check_manifest(manifest, directory / TENSORS)
+    return manifest
 
 
 def load_tensors(path: Path, sha256: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"{path} is missing")
-    if _looks_pickled(path):
-        raise UserError(f"{path} is a pickle, not safetensors; pickled model files are refused")
+    _refuse_pickle(path)
     actual = sha256_file(path)
     if actual != sha256:
         raise UserError(f"{path} has sha256 {actual[:12]}…, the manifest expects {sha256[:12]}…: "
@@ -228,6 +237,11 @@ def load_checkpoint(directory: Path, device: str | torch.device = "cpu",
     return family.to(device).eval(), manifest
 
 
+def _refuse_pickle(path: Path) -> None:
+    if _looks_pickled(path):
+        raise UserError(f"{path} is a pickle, not safetensors; pickled model files are refused")
+
+
 def _looks_pickled(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
@@ -236,3 +250,87 @@ def _looks_pickled(path: Path) -> bool:
     if head[8:9] == b"{":
         return False
     return head[:1] == _PICKLE_MAGIC[0] or head[:4] == _PICKLE_MAGIC[1]
+
+
+# -- manifest bounds: checked before anything is allocated from the manifest's numbers ----------
+
+MAX_INPUT_ELEMENTS = 1 << 20     # values in one example
+MAX_INPUT_DIMS = 4
+MAX_MEMBERS = 256
+MAX_EXITS = 64
+
+
+def check_manifest(manifest: Manifest, tensors: Path) -> None:
+    """Refuse a manifest whose numbers cannot describe the tensor file beside it.
+
+    Building the family allocates what the manifest describes before the tensors are read,
+    so every size is bounded first: the bank and each class of every member's head hold at
+    least one float32 in the (unread) tensor file, whose size alone is known.
+    """
+    m = manifest
+    if not tensors.is_file():
+        raise UserError(f"{tensors} is missing")
+    _refuse_pickle(tensors)                     # before its size is taken as the bound
+    file_bytes = tensors.stat().st_size
+    if not (isinstance(m.input_shape, list) and 1 <= len(m.input_shape) <= MAX_INPUT_DIMS
+            and all(_count(d) for d in m.input_shape) and math.prod(m.input_shape) <= MAX_INPUT_ELEMENTS):
+        raise UserError(f"manifest input_shape {m.input_shape!r} must be 1 to {MAX_INPUT_DIMS} positive integers "
+                        f"with at most {MAX_INPUT_ELEMENTS} values in all")
+    if not (isinstance(m.member_names, list) and 1 <= len(m.member_names) <= MAX_MEMBERS
+            and all(isinstance(n, str) and n for n in m.member_names)
+            and len(set(m.member_names)) == len(m.member_names)):
+        raise UserError(f"manifest member_names must be 1 to {MAX_MEMBERS} distinct names")
+    if not (_count(m.num_exits) and m.num_exits <= MAX_EXITS):
+        raise UserError(f"manifest num_exits {m.num_exits!r} must be an integer from 1 to {MAX_EXITS}")
+    heads = len(m.member_names) * 4          # bytes per class: one float32 weight in each member's head
+    kwargs = m.spec.family_kwargs if isinstance(m.spec.family_kwargs, dict) else {}
+    for name, value in (("num_classes", m.num_classes), ("spec num_classes", kwargs.get("num_classes", 2))):
+        if not (_count(value) and value >= 2 and value * heads <= max(file_bytes, heads * 2)):
+            raise UserError(f"manifest {name} {value!r} must be an integer of at least 2 that the tensor "
+                            f"file ({file_bytes} bytes) can hold heads for")
+    for name, value in (("budget_params", m.budget_params), ("spec budget_params", m.spec.budget_params),
+                        ("spec in_channels", kwargs.get("in_channels"))):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 <= value and value * 4 <= file_bytes):
+            raise UserError(f"manifest {name} {value!r} is more than the tensor file ({file_bytes} bytes) holds")
+    n = m.normalisation
+    if not (_finite(n.mean) and _finite(n.std) and n.std > 0):
+        raise UserError(f"manifest normalisation (mean {n.mean!r}, std {n.std!r}) needs a finite mean and a "
+                        "finite std above 0")
+    if m.report is not None:
+        _check_report(m.report, m.member_names, m.num_exits)
+
+
+def _check_report(report: Any, names: list[str], num_exits: int) -> None:
+    """The parts of an evaluation report the planner reads: a score for every member's every exit."""
+    def bad(why: str) -> UserError:
+        return UserError(f"manifest report is malformed: {why}; run `npas-serve eval` again")
+
+    if not isinstance(report, dict):
+        raise bad("not an object")
+    for key, kind in (("data", str), ("num_test", int), ("member_order", list), ("exits", list),
+                      ("ensembles", list), ("params", dict)):
+        if not isinstance(report.get(key), kind):
+            raise bad(f"{key} is not a {kind.__name__}")
+    if sorted(report["member_order"]) != sorted(names):
+        raise bad(f"member_order {report['member_order']!r:.80} is not an order of {names}")
+    seen = set()
+    for e in report["exits"]:
+        if not (isinstance(e, dict) and e.get("member") in names and _count(e.get("exit"), 0)
+                and e["exit"] < num_exits and all(_finite(e.get(k)) for k in ("accuracy", "nll", "ece"))
+                and 0 <= e["accuracy"] <= 1):
+            raise bad(f"exit score {e!r:.80} does not name a member, an exit and finite scores")
+        seen.add((e["member"], e["exit"]))
+    missing = [(n, x) for n in names for x in range(num_exits) if (n, x) not in seen]
+    if missing:
+        raise bad(f"no score for {missing[:3]}")
+    if not all(isinstance(e, dict) for e in report["ensembles"]):
+        raise bad("ensembles holds something other than scores")
+
+
+def _count(value: Any, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

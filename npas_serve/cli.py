@@ -23,6 +23,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _host(text: str) -> str:
+    """An address this machine may bind: an IP literal or a name that resolves."""
+    import ipaddress
+    import socket
+
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(text, None)
+    except (socket.gaierror, UnicodeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither an IP address nor a name that resolves") from None
+    return text
+
+
 def _generator_arg(text: str) -> tuple[str, int | float | str]:
     """KEY=VALUE; the value becomes an int, else a float, else stays a string."""
     key, sep, value = text.partition("=")
@@ -135,6 +159,8 @@ def _train(args: argparse.Namespace) -> int:
     from npas_serve.families.user import is_reference
     from npas_serve.train import TrainConfig, process_group, run_training, saved_config
 
+    if args.out.exists() and not args.out.is_dir():      # found before training, not after it
+        raise UserError(f"--out {args.out} is a file; a checkpoint is a directory")
     if not is_reference(args.family):
         registry.lookup("family", args.family)
     registry.lookup("generator", args.generator)
@@ -193,9 +219,27 @@ def _evaluate(directory: Path, trust_code: bool = False) -> int:
     return 0
 
 
+def _check_device(device: str) -> None:
+    """A device this machine has, before any file is read (a missing GPU is not a model-file problem)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device {device!r} is not a device: {err}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu":
+        raise UserError(f"--device {device}: use cpu, cuda or cuda:N")
+
+
 def _engine_config(args: argparse.Namespace):
     from npas_serve.engine import EngineConfig
 
+    _check_device(args.device)
     return EngineConfig(device=args.device, cache_bytes=args.cache_bytes, max_batch=args.max_batch,
                         model_name=args.name, freeze=args.freeze, trust_code=args.trust_code)
 
@@ -203,7 +247,7 @@ def _engine_config(args: argparse.Namespace):
 def _add_engine_flags(p) -> None:
     p.add_argument("--name", default="npas", help="model name clients ask for (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--cache-bytes", type=int, default=0,
+    p.add_argument("--cache-bytes", type=_non_negative_int, default=0,
                    help="LRU cache of generated weights, in bytes; 0 keeps only the shared parameters")
     p.add_argument("--max-batch", type=_positive_int, default=256, help="largest batch a request may carry")
     p.add_argument("--freeze", action="store_true",
@@ -237,9 +281,9 @@ def _add_serve(sub) -> None:
                                    "API, the gRPC health service and Prometheus /metrics. SIGTERM drains "
                                    "in-flight requests, then exits.")
     p.add_argument("model", type=Path, help="checkpoint directory or .mar file")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--grpc-port", type=int, default=7070)
-    p.add_argument("--metrics-port", type=int, default=8082)
+    p.add_argument("--host", type=_host, default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--grpc-port", type=_port, default=7070)
+    p.add_argument("--metrics-port", type=_port, default=8082)
     p.add_argument("--version", default="1")
     _add_engine_flags(p)
     p.set_defaults(run=_serve)
@@ -274,7 +318,10 @@ def _add_torchserve(sub) -> None:
                    help="where config, logs, pid and key files go (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--dev", action="store_true", help="turn token auth off (local development only)")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a READY worker")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for a worker that answers")
+    p.add_argument("--token-lifetime-min", type=float, default=60.0,
+                   help="start: minutes a token key lives (TorchServe's token_expiration_min); a renewer "
+                        "replaces the keys in RUN_DIR/key_file.json before they expire (default: %(default)s)")
     for field, flag in _TS_PORT_FLAGS.items():
         p.add_argument(flag, type=_port, dest=f"{field}_port", default=None,
                        help=f"start: the {field.replace('_', ' ')} port (default: as in the description)")
@@ -302,14 +349,17 @@ def _torchserve(args: argparse.Namespace) -> int:
     if configured is not None:           # the ports and address this run directory was started with
         ports, args.host = configured.ports, configured.host
     if args.action == "start":
-        pid = ts.start(args.model_store, args.name, args.run_dir, args.host, ports, args.dev, args.timeout)
+        pid = ts.start(args.model_store, args.name, args.run_dir, args.host, ports, args.dev, args.timeout,
+                       token_lifetime_min=args.token_lifetime_min)
         auth = "off (--dev)" if args.dev else f"on; inference key in {args.run_dir / KEY_FILE}"
         print(f"TorchServe running (pid {pid}): gRPC {args.host}:{ports.grpc}, "
               f"metrics http://{args.host}:{ports.metrics}/metrics, token auth {auth}")
     elif args.action == "stop":
         print("stopped" if ts.stop(args.run_dir) else "not running")
     else:
-        print(ts.status(args.run_dir, args.name, ports, args.host))
+        state = ts.status(args.run_dir, args.name, ports, args.host)
+        print(state.text)
+        return 0 if state.ready else 1        # a script (or a probe) can act on "no worker answers"
     return 0
 
 
@@ -345,8 +395,13 @@ def _query(args: argparse.Namespace) -> int:
     if args.inputs is not None:
         if not args.inputs.is_file():
             raise UserError(f"{args.inputs} does not exist")
-        loaded = np.load(args.inputs, allow_pickle=False)
-        x = loaded["x"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        try:
+            loaded = np.load(args.inputs, allow_pickle=False)
+            x = loaded["x"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+        except (ValueError, OSError, KeyError, EOFError) as err:   # object arrays, not .npy, no x in .npz
+            raise UserError(f"{args.inputs} holds no numeric array to send: {err}") from None
+        if x.dtype.kind not in "iuf":
+            raise UserError(f"{args.inputs} holds {x.dtype} values; send a numeric array")
         labels = None
     else:
         from npas_serve.data import load_dataset
@@ -358,7 +413,8 @@ def _query(args: argparse.Namespace) -> int:
     if token is None and args.token_file is not None:
         from npas_serve.servers.torchserve.keys import read_key
 
-        token = read_key(args.token_file, "inference")
+        read_key(args.token_file, "inference")       # a missing or keyless file is one error line now
+        token = lambda: read_key(args.token_file, "inference")  # noqa: E731  read again after a renewal
     knobs = {"mode": "anytime" if args.anytime else "ensemble", "ensemble_size": args.ensemble_size,
              "exit": args.exit, "members": args.members, "latency_budget_ms": args.budget_ms,
              "min_confidence": args.min_confidence}

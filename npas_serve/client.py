@@ -13,7 +13,7 @@ working directory at start-up (the management port wants the "management" key).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -31,15 +31,19 @@ class ClientError(RuntimeError):
 
 class Client:
     def __init__(self, target: str = "127.0.0.1:7070", model_name: str = "npas",
-                 model_version: str | None = None, token: str | None = None,
+                 model_version: str | None = None, token: str | Callable[[], str] | None = None,
                  timeout: float = 30.0, credentials=None):
-        """`credentials`: grpc.ChannelCredentials for TLS; None means plaintext."""
+        """`credentials`: grpc.ChannelCredentials for TLS; None means plaintext.
+
+        `token` may be a callable that reads the key (e.g. from TorchServe's key_file.json): it is
+        called for every call, so a key renewed on the server is picked up.
+        """
         import grpc  # lazy: the rest of npas_serve works without it
 
         from npas_serve.protocol import inference_pb2_grpc
 
         self.model_name, self.model_version, self.timeout = model_name, model_version or "", timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._token = token
         self._channel = (grpc.secure_channel(target, credentials) if credentials
                          else grpc.insecure_channel(target))
         self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
@@ -72,6 +76,11 @@ class Client:
             raise ClientError(exc.code().name, exc.details() or "") from None
         finally:
             call.cancel()  # no-op when finished; stops the server when the caller breaks early
+
+    @property
+    def _metadata(self) -> tuple:
+        token = self._token() if callable(self._token) else self._token
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def close(self) -> None:
         self._channel.close()

@@ -1,12 +1,14 @@
 """Container healthcheck on real readiness; exit status 0 healthy, 1 not.
 
-    python healthcheck.py torchserve [RUN_DIR]   # a worker of model $NPAS_MODEL in state READY
+    python healthcheck.py torchserve [RUN_DIR]   # a worker of model $NPAS_MODEL answers a request
     python healthcheck.py embedded               # gRPC health of the inference service: SERVING
 
-TorchServe's /ping says Healthy while a worker crash-loops, so readiness is asked of the
-management API, with the management key TorchServe wrote into RUN_DIR/key_file.json
-(token auth stays on). The embedded server answers the standard gRPC health service, which
-turns NOT_SERVING as soon as it starts draining on SIGTERM.
+TorchServe's /ping says Healthy while a worker crash-loops, and its worker list can show a
+dead process as READY, so readiness is a request the worker itself answers: the management
+API's describe with `customized=true` (launcher.worker_answers), sent with the management key
+TorchServe wrote into RUN_DIR/key_file.json (token auth stays on), with the ports of
+RUN_DIR/config.properties. The embedded server answers the standard gRPC health service,
+which turns NOT_SERVING as soon as it starts draining on SIGTERM.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ from pathlib import Path
 MODEL = os.environ.get("NPAS_MODEL", "npas")
 
 
-def torchserve_ready(run_dir: Path) -> bool:
-    from npas_serve.servers.torchserve.launcher import Ports, worker_states
+def torchserve_ready(run_dir: Path, timeout_s: float = 8.0) -> bool:
+    from npas_serve.servers.torchserve.launcher import Ports, read_config, worker_answers
 
-    return "READY" in worker_states(run_dir, MODEL, Ports())
+    config = read_config(run_dir)
+    ports = config.ports if config else Ports()
+    host = "127.0.0.1" if config is None or config.host in ("0.0.0.0", "::", "") else config.host
+    return worker_answers(run_dir, MODEL, ports, host, timeout_s)
 
 
 def embedded_serving(port: int = 7070) -> bool:

@@ -56,13 +56,18 @@ def array_to_b64(array: np.ndarray) -> dict:
     return {"data": base64.b64encode(a.tobytes()).decode("ascii"), "shape": list(a.shape), "dtype": "float32"}
 
 
+def looks_like_json(raw: bytes) -> bool:
+    """Whether `raw` starts like a JSON object (it may still be a protobuf: see try_json)."""
+    return raw.lstrip(b" \t\r\n")[:1] == b"{"
+
+
 def try_json(raw: bytes) -> tuple[bool, Any]:
     """Parse `raw` as JSON when it starts like an object; (False, reason) otherwise.
 
     A serialized protobuf can also start with whitespace and '{' (tag 0x0A is
     field 1 and also '\\n'), so callers fall back to protobuf when this fails.
     """
-    if raw.lstrip(b" \t\r\n")[:1] != b"{":
+    if not looks_like_json(raw):
         return False, "it does not start with '{'"
     try:
         return True, json.loads(raw)

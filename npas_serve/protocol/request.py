@@ -19,7 +19,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from npas_serve.protocol import _wire
+from npas_serve.protocol import _wire, limits as _limits
 from npas_serve.protocol._generated import npas_pb2
 
 MODES = ("ensemble", "anytime")
@@ -57,6 +57,11 @@ class RequestLimits:
         if not self.member_names or self.num_exits < 1 or self.max_batch < 1:
             raise ValueError("RequestLimits needs at least one member, one exit and max_batch >= 1")
 
+    @property
+    def payload_bytes(self) -> int:
+        """The largest payload accepted: what a valid request can need, at most max_payload_bytes."""
+        return _limits.max_payload_bytes(self.input_shape, self.max_batch, self.max_payload_bytes)
+
 
 @dataclass(frozen=True)
 class InferenceRequest:
@@ -92,24 +97,29 @@ def parse_request(fields: Mapping[str, bytes | str], limits: RequestLimits) -> I
     if values.get("inputs") is None:
         raise RequestError("inputs", "the payload has no inputs; send a batch of examples under 'inputs'.")
     n = len(limits.member_names)
+    mode = _mode(values.get("mode"))
     members = _members(values.get("members"), limits.member_names)
     size = _integer("ensemble_size", values.get("ensemble_size"), 1, n, f"a number of members from 1 to {n}")
     if size is not None and members is not None and size != len(members):
         raise RequestError("ensemble_size", f"ensemble_size is {size} but members names {len(members)}; "
                                             "give one of them, or make them agree.")
+    exit_ = _integer("exit", values.get("exit"), 0, limits.num_exits - 1,
+                     f"an exit index from 0 to {limits.num_exits - 1}")
+    min_confidence = _number("min_confidence", values.get("min_confidence"), 0.0, 1.0,
+                             "a probability from 0 to 1", open_low=False)
+    _check_mode_knobs(mode, {"ensemble_size": size, "exit": exit_, "min_confidence": min_confidence},
+                      members)
     return InferenceRequest(
         inputs=_inputs(values["inputs"], limits),
-        mode=_mode(values.get("mode")),
+        mode=mode,
         ensemble_size=size,
         members=members,
-        exit=_integer("exit", values.get("exit"), 0, limits.num_exits - 1,
-                      f"an exit index from 0 to {limits.num_exits - 1}"),
+        exit=exit_,
         budget_ms=_number("latency_budget_ms", values.get("latency_budget_ms"), 0.0, limits.max_budget_ms,
                                   f"milliseconds greater than 0 and at most {limits.max_budget_ms:g}"),
         deadline_unix_ms=_number("deadline_unix_ms", values.get("deadline_unix_ms"), 0.0, math.inf,
                                  "a positive time in milliseconds since the Unix epoch"),
-        min_confidence=_number("min_confidence", values.get("min_confidence"), 0.0, 1.0,
-                               "a probability from 0 to 1", open_low=False),
+        min_confidence=min_confidence,
         stream=_flag("stream", values.get("stream")),
         request_id=_request_id(values.get("request_id")),
         payload_format=fmt,
@@ -139,11 +149,13 @@ def _decode_payload(value: Any, key: str, limits: RequestLimits) -> tuple[dict, 
     else:
         raise RequestError(key, f"the {key} payload has type {type(value).__name__}; send bytes holding a JSON "
                                 "object or a serialized npas.v1.InferRequest.")
-    if len(raw) > limits.max_payload_bytes:
-        raise RequestError(key, f"the {key} payload is {len(raw)} bytes, over the limit of "
-                                f"{limits.max_payload_bytes}; send a smaller batch.")
+    check_payload_size(len(raw), key, limits)
     if not raw.strip():
         raise RequestError(key, f"the {key} payload is empty; send a JSON object or a serialized npas.v1.InferRequest.")
+    if _wire.looks_like_json(raw):
+        why = _limits.json_structure_error(raw, limits.input_shape, limits.max_batch)
+        if why is not None:
+            raise RequestError(key, f"the {key} payload cannot be a valid request: {why}; send a smaller batch.")
     ok, parsed = _wire.try_json(raw)
     if ok:
         if not isinstance(parsed, dict):
@@ -154,6 +166,27 @@ def _decode_payload(value: Any, key: str, limits: RequestLimits) -> tuple[dict, 
         raise RequestError(key, f"the {key} payload is neither a JSON object ({parsed}) nor a valid "
                                 "npas.v1.InferRequest; send one of the two.")
     return message, "protobuf"
+
+
+def check_payload_size(size: int, key: str, limits: RequestLimits) -> None:
+    """Refuse a payload over the limit by its length alone (servers call it before decoding anything)."""
+    if size > limits.payload_bytes:
+        raise RequestError(key, f"the {key} payload is {size} bytes, over the limit of "
+                                f"{limits.payload_bytes} for batches of at most {limits.max_batch} examples "
+                                f"of shape {tuple(limits.input_shape)}; send a smaller batch.")
+
+
+def _check_mode_knobs(mode: str, knobs: Mapping, members: tuple[str, ...] | None) -> None:
+    """Knobs of the other mode are refused, not ignored: the caller believes they took effect."""
+    other = "anytime" if mode == "ensemble" else "ensemble"
+    foreign = ("exit", "min_confidence") if mode == "ensemble" else ("ensemble_size",)
+    for name in foreign:
+        if knobs[name] is not None:
+            raise RequestError(name, f"{name} applies to mode '{other}' only, and this request is in mode "
+                                     f"'{mode}'; drop {name}, or set mode to '{other}'.")
+    if mode == "anytime" and members is not None and len(members) > 1:
+        raise RequestError("members", f"anytime mode runs one member, but members names {len(members)}; "
+                                      "name one member, or use mode 'ensemble'.")
 
 
 def _check_json_keys(obj: Mapping) -> dict:
@@ -242,10 +275,23 @@ def _from_nested(value: list) -> np.ndarray:
         array = np.array(value)
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise ValueError("inputs must be a rectangular nested list of numbers.") from None
-    if array.dtype.kind not in "iuf":
-        raise ValueError(f"inputs must hold only numbers (got numpy dtype {array.dtype}); "
-                         "send nested lists of numbers.")
+    if array.dtype.kind not in "iuf" or _holds_bool(value):
+        got = "booleans" if array.dtype.kind in "biuf" else f"numpy dtype {array.dtype}"
+        raise ValueError(f"inputs must hold only numbers (got {got}); send nested lists of numbers.")
     return array
+
+
+def _holds_bool(value: list) -> bool:
+    """JSON true/false among the numbers: numpy would read them as 1.0 and 0.0."""
+    stack = [value]
+    while stack:
+        items = stack.pop()
+        for item in items:
+            if isinstance(item, list):
+                stack.append(item)
+            elif item is True or item is False:
+                return True
+    return False
 
 
 def _sentence(field: str, exc: ValueError) -> str:

@@ -17,7 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from npas_serve.engine import Engine
+from npas_serve.errors import UserError
 from npas_serve.protocol import RequestError, encode_response
+from npas_serve.protocol.limits import deadline_passed
 from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
 from npas_serve.servers.metrics import PrometheusSink, record
 
@@ -39,21 +41,39 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
         return self._reply(self.engine.answer(req), req)
 
     def StreamPredictions(self, request, context):
+        """Refined answers only when the request asks for them (`stream`); otherwise the final one alone."""
         req = self._parse(request, context)
-        for answer in self.engine.answers(req):
+        for answer in self.engine.answers(req, intermediate=req.stream):
             yield self._reply(answer, req)
 
+    def StreamPredictions2(self, request_iterator, context):
+        """Refused in-band, one message per request, as TorchServe 0.12 refuses it without sequence batching."""
+        from google.rpc import status_pb2
+
+        refusal = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0],
+                                    message="StreamPredictions2 is not served (no sequence batching); use "
+                                            "Predictions, or StreamPredictions with stream=true")
+        for _ in request_iterator:
+            yield inference_pb2.PredictionResponse(status=refusal)
+
     def _parse(self, request, context):
+        # routing errors as TorchServe 0.12's frontend gives them, so a client sees one behaviour
         if request.model_name != self.model_name:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model '{request.model_name}'; "
-                                                     f"this server serves '{self.model_name}'")
+            context.abort(grpc.StatusCode.INTERNAL, f"Model not found: {request.model_name} "
+                                                    f"(this server serves '{self.model_name}')")
         if request.model_version not in ("", self.model_version):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown version '{request.model_version}' of model "
-                                                     f"'{self.model_name}'; it has '{self.model_version}'")
+            context.abort(grpc.StatusCode.INTERNAL, f"Model version: {request.model_version} does not exist "
+                                                    f"for model: {self.model_name} (it has '{self.model_version}')")
         try:
-            return self.engine.parse(dict(request.input))
+            req = self.engine.parse(dict(request.input))
         except RequestError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err}")
+        if not context.is_active():            # the caller gave up while the call waited for a thread
+            context.abort(grpc.StatusCode.CANCELLED, "the call ended before it was run")
+        if deadline_passed(req.deadline_unix_ms):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_unix_ms: the deadline passed before "
+                                                             "the request was run; nothing was computed")
+        return req
 
     @staticmethod
     def _reply(answer, req):
@@ -63,16 +83,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
 def create_server(engine: Engine, host: str = "127.0.0.1", port: int = 7070, model_name: str = "npas",
                   model_version: str = "1", workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-on-demand server and the port it bound (pass port 0 for any free port)."""
-    limit = engine.limits.max_payload_bytes + 64 * 1024     # room for the request envelope
+    # bigger messages are refused by grpcio itself, before any Python work
+    limit = engine.limits.payload_bytes + 64 * 1024     # room for the request envelope
+    # no SO_REUSEPORT: a second server on a busy port fails instead of taking half its connections
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=[("grpc.max_receive_message_length", limit)])
+                         options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
         InferenceServicer(engine, model_name, model_version), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:               # grpcio >= 1.5x raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC to {host}:{port}")
+        raise UserError(f"cannot bind gRPC to {host}:{port}: the port is in use or the address is not "
+                        f"this machine's; choose another --grpc-port or --host")
     return server, bound, health_servicer
 
 
@@ -83,15 +109,23 @@ def start_metrics(engine: Engine, model_name: str, host: str, port: int):
     sink = PrometheusSink(model_name)
     sink.start_gauges(engine)
     engine.add_observer(lambda obs: record(sink, engine, obs))
-    http_server, _ = prom.start_http_server(port, addr=host, registry=sink.registry)
+    try:
+        http_server, _ = prom.start_http_server(port, addr=host, registry=sink.registry)
+    except OSError as err:
+        raise UserError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}; "
+                        f"choose another --metrics-port") from None
     return http_server
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metrics_port: int = 8082,
           model_name: str = "npas", model_version: str = "1", grace_s: float = 30.0) -> None:
     """Run until SIGTERM/SIGINT, then drain: health says NOT_SERVING, in-flight requests finish."""
-    metrics = start_metrics(engine, model_name, host, metrics_port)
     server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
+    try:
+        metrics = start_metrics(engine, model_name, host, metrics_port)
+    except UserError:
+        server.stop(None)
+        raise
     server.start()
     for service in ("", SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -186,8 +186,9 @@ def _train_from(family: Family, manifest: Manifest, cfg: TrainConfig, out: Path 
     def on_epoch(epoch: int, loss: float) -> None:
         losses.append(loss)
         if rank == 0 and out is not None:
-            save_checkpoint(out, family, current)
-            save_train_state(out, optimizer, epoch, cfg, losses)
+            # one directory swap: the checkpoint and the state --resume needs land together
+            save_checkpoint(out, family, current,
+                            also=lambda tmp: save_train_state(tmp, optimizer, epoch, cfg, losses))
 
     split_at = cfg.split_epoch()
     for end in ([split_at] if 0 < split_at < cfg.epochs and start <= split_at else []) + [cfg.epochs]:

@@ -178,19 +178,43 @@ def test_raw_bytes_json_form_casts_to_float32(dtype):
 def test_protobuf_with_every_knob():
     x = np.random.default_rng(0).standard_normal((3, 1, 8)).astype("<f4")
     req = parse_request(pb(inputs=npas_pb2.Tensor(data=x.tobytes(), shape=x.shape, dtype="float32"),
-                           mode=npas_pb2.MODE_ANYTIME, ensemble_size=2, members=["m1", "m3"], exit=2,
+                           mode=npas_pb2.MODE_ANYTIME, members=["m3"], exit=2,
                            latency_budget_ms=12.5, deadline_unix_ms=1.7e12, min_confidence=0.9,
                            stream=True, request_id="abc-1"), LIMITS)
     np.testing.assert_array_equal(req.inputs, x)
-    assert req == InferenceRequest(inputs=req.inputs, mode="anytime", ensemble_size=2, members=("m1", "m3"),
+    assert req == InferenceRequest(inputs=req.inputs, mode="anytime", ensemble_size=None, members=("m3",),
                                    exit=2, budget_ms=12.5, deadline_unix_ms=1.7e12,
                                    min_confidence=0.9, stream=True, request_id="abc-1",
                                    payload_format="protobuf")
+    ensemble = parse_request(pb(mode=npas_pb2.MODE_ENSEMBLE, ensemble_size=2, members=["m1", "m3"]), LIMITS)
+    assert (ensemble.mode, ensemble.ensemble_size, ensemble.members) == ("ensemble", 2, ("m1", "m3"))
+
+
+@pytest.mark.parametrize("knobs, field", [
+    (dict(mode="anytime", ensemble_size=2), "ensemble_size"),
+    (dict(mode="anytime", members=["m1", "m3"]), "members"),
+    (dict(exit=1), "exit"),
+    (dict(mode="ensemble", min_confidence=0.5), "min_confidence"),
+])
+def test_knobs_of_the_other_mode_are_refused(knobs, field):
+    with pytest.raises(RequestError) as err:
+        parse_request(js(**knobs), LIMITS)
+    assert err.value.field == field and "mode" in str(err.value)
+    auto = {k: ("auto" if k in ("ensemble_size", "exit") else v) for k, v in knobs.items()}
+    if field in ("ensemble_size", "exit"):      # auto is no value: accepted in either mode
+        assert getattr(parse_request(js(**auto), LIMITS), field) is None
+
+
+def test_booleans_among_the_numbers_are_refused():
+    rows = [[[0.5] * 7 + [True]]]
+    with pytest.raises(RequestError) as err:
+        parse_request(js(inputs=rows), LIMITS)
+    assert err.value.field == "inputs" and "boolean" in str(err.value)
 
 
 def test_protobuf_explicit_zero_exit_is_kept():
-    assert parse_request(pb(exit=0), LIMITS).exit == 0
-    assert parse_request(pb(), LIMITS).exit is None
+    assert parse_request(pb(exit=0, mode=npas_pb2.MODE_ANYTIME), LIMITS).exit == 0
+    assert parse_request(pb(mode=npas_pb2.MODE_ANYTIME), LIMITS).exit is None
 
 
 def test_protobuf_starting_like_json_falls_back():
@@ -224,12 +248,12 @@ def test_auto_means_none():
 
 def test_map_keys_override_payload():
     fields = with_map(js(mode="ensemble", ensemble_size=1, exit=1, stream=False, latency_budget_ms=5),
-                      mode="anytime", ensemble_size="2", members="m0, m2", exit="auto", stream="TRUE",
+                      mode="anytime", ensemble_size="auto", members="m2", exit="auto", stream="TRUE",
                       latency_budget_ms="12.5", deadline_unix_ms="1700000000000", min_confidence="0.75",
                       request_id="from-map")
     req = parse_request(fields, LIMITS)
     assert (req.mode, req.ensemble_size, req.members, req.exit, req.stream) == \
-           ("anytime", 2, ("m0", "m2"), None, True)
+           ("anytime", None, ("m2",), None, True)
     assert (req.budget_ms, req.deadline_unix_ms, req.min_confidence, req.request_id) == \
            (12.5, 1.7e12, 0.75, "from-map")
 
@@ -240,10 +264,10 @@ def test_map_keys_override_protobuf_payload():
 
 
 def test_limits_boundaries_accepted():
-    req = parse_request(js(inputs=ONE * 4, ensemble_size=4, exit=2, latency_budget_ms=1000,
-                           min_confidence=0), LIMITS)
-    assert req.inputs.shape[0] == 4 and req.ensemble_size == 4 and req.exit == 2
-    assert req.budget_ms == 1000.0 and req.min_confidence == 0.0
+    req = parse_request(js(inputs=ONE * 4, ensemble_size=4, latency_budget_ms=1000), LIMITS)
+    anytime = parse_request(js(inputs=ONE * 4, mode="anytime", exit=2, min_confidence=0), LIMITS)
+    assert req.inputs.shape[0] == 4 and req.ensemble_size == 4 and anytime.exit == 2
+    assert req.budget_ms == 1000.0 and anytime.min_confidence == 0.0
 
 
 @pytest.mark.parametrize("fmt", ["protobuf", "raw-json"])

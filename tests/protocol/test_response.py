@@ -85,14 +85,17 @@ LIMITS = RequestLimits(input_shape=(1, 40), member_names=("m0", "m1", "m2"), num
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_client_payload_parses_back(fmt):
     x = np.random.default_rng(2).standard_normal((5, 1, 40))  # float64: sent as float32
-    knobs = dict(mode="anytime", ensemble_size=np.int64(2), members=("m0", "m2"), exit=1,
+    knobs = dict(mode="anytime", members=("m2",), exit=np.int64(1),
                  latency_budget_ms=15.0, deadline_unix_ms=1.8e12, min_confidence=0.6, stream=True,
                  request_id="c-1")
     req = parse_request({"data": encode_request(x, fmt, **knobs)}, LIMITS)
     np.testing.assert_array_equal(req.inputs, x.astype(np.float32))
     assert req.payload_format == fmt
     got = {k: getattr(req, "budget_ms" if k == "latency_budget_ms" else k) for k in knobs}
-    assert got == {**knobs, "ensemble_size": 2}
+    assert got == {**knobs, "exit": 1}
+    ensemble = parse_request({"data": encode_request(x, fmt, ensemble_size=np.int64(2), members=("m0", "m2"))},
+                             LIMITS)
+    assert (ensemble.ensemble_size, ensemble.members) == (2, ("m0", "m2"))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -17,13 +17,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from npas_serve.protocol import npas_pb2
+from npas_serve.protocol.limits import max_payload_bytes
 from npas_serve.protocol.request import KNOBS
 from npas_serve.protocol.response import decode_response, encode_request
 from tests.reliability.support import expected_answer, matches, raw_predict, worker_pids
 
 SHAPE = (1, 40)
 MAX_BATCH = 256                 # EngineConfig's default, used by both servers here
-MAX_PAYLOAD = 4 * 2**20
+# the largest payload a batch of MAX_BATCH examples of SHAPE can need (protocol.limits), under the 4 MiB cap
+MAX_PAYLOAD = max_payload_bytes(SHAPE, MAX_BATCH, 4 * 2**20)
 N_MEMBERS, N_EXITS = 3, 3
 
 
@@ -72,7 +74,7 @@ CASES = [
     ("missing inputs (protobuf)", "inputs",
      lambda: {"data": npas_pb2.InferRequest(ensemble_size=1).SerializeToString()}),
     ("wrong feature shape", "inputs", lambda: js(inputs=np.zeros((2, 1, 39)).tolist())),
-    ("wrong rank", "inputs", lambda: js(inputs=np.zeros((2, 40)).tolist())),
+    ("wrong rank", "inputs", lambda: js(inputs=np.zeros((2, 1, 1, 40)).tolist())),   # (2, 40) is accepted
     ("ragged batch", "inputs", lambda: js(inputs=[[[0.0] * 40], [[0.0] * 39]])),
     ("wrong dtype: strings", "inputs", lambda: js(inputs=[[["0.1"] * 40]])),
     ("wrong dtype: complex64 raw", "inputs",
@@ -117,12 +119,12 @@ CASES = [
     ("unknown map key", "temperature", lambda: {**js(inputs=good_rows()), "temperature": b"0.5"}),
 ]
 
-# Routing errors happen before the engine: each server answers with its own code.
-# The embedded server says NOT_FOUND; TorchServe 0.12's gRPC frontend maps its
-# ModelNotFoundException / ModelVersionNotFoundException to INTERNAL.
+# Routing errors happen before the engine. TorchServe 0.12's gRPC frontend maps its
+# ModelNotFoundException / ModelVersionNotFoundException to INTERNAL; the embedded server
+# answers the same, so a client sees one behaviour (docs/reliability.md).
 ROUTING = [
-    ("unknown model", {"model_name": "nope"}, {"embedded": "NOT_FOUND", "torchserve": "INTERNAL"}, "nope"),
-    ("unknown version", {"model_version": "9"}, {"embedded": "NOT_FOUND", "torchserve": "INTERNAL"}, "9"),
+    ("unknown model", {"model_name": "nope"}, {"embedded": "INTERNAL", "torchserve": "INTERNAL"}, "nope"),
+    ("unknown version", {"model_version": "9"}, {"embedded": "INTERNAL", "torchserve": "INTERNAL"}, "9"),
 ]
 # Over the transport's message limit nothing reaches our code: gRPC itself refuses.
 TRANSPORT_LIMIT = {"embedded": "RESOURCE_EXHAUSTED", "torchserve": "CANCELLED"}

@@ -42,11 +42,14 @@ def test_every_ensemble_size(server, examples, fmt):
 
 
 def test_stream_anytime_one_message_per_exit(server, examples):
+    """The embedded server streams every exit; TorchServe 0.12 sends the final one alone (its worker
+    cannot tell StreamPredictions from a unary call, where a second message would cost the worker)."""
     x, _ = examples
     with client(server) as c:
         answers = list(c.stream(x, mode="anytime"))
-    assert [a.exit_reached for a in answers] == list(range(server.num_exits))
-    assert [a.final for a in answers] == [False] * (server.num_exits - 1) + [True]
+    exits = list(range(server.num_exits)) if server.kind == "embedded" else [server.num_exits - 1]
+    assert [a.exit_reached for a in answers] == exits
+    assert [a.final for a in answers] == [False] * (len(exits) - 1) + [True]
     assert len({a.members_used[0] for a in answers}) == 1
 
 

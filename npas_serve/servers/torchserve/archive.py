@@ -35,6 +35,7 @@ def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path
     # refuses a tampered or mismatched checkpoint (or one carrying untrusted code) before packing it
     _, manifest = load_checkpoint(checkpoint, trust_code=trust_code)
     config = config or EngineConfig()
+    _check_config(config)         # a .mar whose worker cannot start would crash-loop under TorchServe
     config.model_name, config.model_version = name, version
     config.trust_code = trust_code and manifest.code is not None
     model_store.mkdir(parents=True, exist_ok=True)
@@ -74,9 +75,36 @@ def extract_archive(mar: Path, into: Path) -> Path:
             for wanted in (TENSORS, MANIFEST, CONFIG):
                 if wanted not in names:
                     raise UserError(f"{mar} is not an npas-serve archive: {wanted} is missing")
-                zf.extract(wanted, into)
+                _extract_bounded(zf, wanted, Path(into))
             if CODE_FILE in names:
-                zf.extract(CODE_FILE, into)
+                _extract_bounded(zf, CODE_FILE, Path(into))
     except zipfile.BadZipFile:
         raise UserError(f"{mar} is not a .mar (zip) archive") from None
     return Path(into)
+
+
+# A safetensors file of trained weights barely compresses; a zip bomb compresses a thousandfold.
+MAX_RATIO = 20
+SLACK_BYTES = 1 << 20
+
+
+def _extract_bounded(zf, name: str, into: Path) -> None:
+    """Extract one member, refusing it by its declared sizes first and stopping at them while
+    writing, so a zip bomb costs neither disk nor time (zipfile alone trusts the headers)."""
+    info = zf.getinfo(name)
+    if info.file_size > MAX_RATIO * info.compress_size + SLACK_BYTES:
+        raise UserError(f"{name} in the archive expands {info.compress_size} bytes to {info.file_size}: "
+                        "not a packed checkpoint (a zip bomb?)")
+    written = 0
+    with zf.open(info) as src, open(into / name, "wb") as dst:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            written += len(chunk)
+            if written > info.file_size:
+                raise UserError(f"{name} in the archive holds more than the {info.file_size} bytes it declares")
+            dst.write(chunk)
+
+
+def _check_config(config: EngineConfig) -> None:
+    if config.cache_bytes < 0 or config.max_batch < 1 or config.max_payload_bytes < 1:
+        raise UserError(f"engine config out of range: cache_bytes {config.cache_bytes} (>= 0), max_batch "
+                        f"{config.max_batch} (>= 1), max_payload_bytes {config.max_payload_bytes} (>= 1)")

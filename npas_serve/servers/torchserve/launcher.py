@@ -2,13 +2,17 @@
 
 Everything TorchServe writes (config.properties, the metrics YAML, key_file.json
 with the auth tokens, logs, its pid file) goes in one run directory, so two
-instances never collide through /tmp. Readiness is a worker in state READY on
-the management API, not `/ping`, which says Healthy while a worker crash-loops.
+instances never collide through /tmp. Readiness is a worker that answers: the
+management API's describe with `customized=true`, which the worker itself handles
+(`/ping` says Healthy while a worker crash-loops, and the worker list can show a
+dead process as READY). Token keys expire (`token_expiration_min`); a renewer in
+TorchServe's own process group renews them before they do (`renewer`).
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -25,6 +29,10 @@ from npas_serve.servers.torchserve.keys import KEY_FILE, run_dir_key
 from npas_serve.servers.torchserve.processes import group_pids
 
 PID = "torchserve.pid"
+TOKEN_LIFETIME_MIN = 60.0       # TorchServe 0.12's default lifetime of the inference and management keys
+# Workers get request bodies as bytes: the handler bounds their size before anything parses them
+# (TorchServe's worker would otherwise json.loads an application/json body of any size first).
+WORKER_ENV = {"TS_DECODE_INPUT_REQUEST": "false"}
 
 
 @dataclass
@@ -49,7 +57,8 @@ def metrics_yaml() -> str:
     return yaml.safe_dump(base, sort_keys=False)
 
 
-def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports, dev: bool) -> str:
+def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports, dev: bool,
+                      token_lifetime_min: float = TOKEN_LIFETIME_MIN) -> str:
     lines = {
         "inference_address": f"http://{host}:{ports.http}",
         "management_address": f"http://{host}:{ports.management}",
@@ -64,6 +73,7 @@ def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports,
         "model_store": model_store,
         "default_workers_per_model": 1,
         "disable_token_authorization": "true" if dev else "false",
+        "token_expiration_min": f"{token_lifetime_min:g}",
         "install_py_dep_per_model": "false",
         "model_metrics_auto_detect": "false",
         "disable_system_metrics": "true",
@@ -94,11 +104,15 @@ def read_config(run_dir: Path) -> RunConfig | None:
 
 def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchserve"), host: str = "127.0.0.1",
           ports: Ports | None = None, dev: bool = False, timeout_s: float = 180.0,
-          env: dict[str, str] | None = None) -> int:
-    """Start TorchServe with `<model_store>/<name>.mar`, wait for a READY worker; returns the PID.
+          env: dict[str, str] | None = None, token_lifetime_min: float = TOKEN_LIFETIME_MIN) -> int:
+    """Start TorchServe with `<model_store>/<name>.mar`, wait for a worker that answers; returns the PID.
 
     `env` (e.g. OMP_NUM_THREADS) is added to the environment the frontend passes to its workers.
+    With token auth on, a renewer joins TorchServe's process group and renews the keys before
+    they expire (`token_lifetime_min`), so clients that read key_file.json keep working.
     """
+    if not token_lifetime_min > 0:
+        raise UserError(f"token lifetime must be a positive number of minutes, got {token_lifetime_min}")
     ports = ports or Ports()
     model_store, run_dir = Path(model_store).resolve(), Path(run_dir).resolve()
     mar = model_store / f"{name}.mar"
@@ -111,15 +125,22 @@ def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchser
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / "metrics.yaml").write_text(metrics_yaml())
-    (run_dir / "config.properties").write_text(config_properties(run_dir, model_store, host, ports, dev))
+    (run_dir / "config.properties").write_text(
+        config_properties(run_dir, model_store, host, ports, dev, token_lifetime_min))
     (run_dir / KEY_FILE).unlink(missing_ok=True)
-    env = dict(os.environ, **(env or {}), TMPDIR=str(run_dir), TEMP=str(run_dir), LOG_LOCATION=str(run_dir / "logs"),
-               METRICS_LOCATION=str(run_dir / "logs"))
+    env = dict(os.environ, **WORKER_ENV, **(env or {}), TMPDIR=str(run_dir), TEMP=str(run_dir),
+               LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
     cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
            "--ts-config", str(run_dir / "config.properties"), "--model-store", str(model_store),
            "--models", f"{name}={name}.mar"]
     if dev:
         cmd.append("--disable-token-auth")
+    else:
+        # the renewer starts in the new session first, so it shares TorchServe's process group
+        # (stop() ends both); then the shell becomes TorchServe itself, keeping the pid
+        renewer = [sys.executable, "-m", "npas_serve.servers.torchserve.renewer", str(run_dir), host,
+                   str(ports.management)]
+        cmd = ["sh", "-c", f"{shlex.join(renewer)} & exec {shlex.join(cmd)}"]
     with open(run_dir / "logs" / "launcher.log", "ab") as log:
         # a session of its own: stop() signals the whole group (java and its Python workers)
         proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -133,14 +154,34 @@ def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchser
     return proc.pid
 
 
-def worker_states(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> list[str]:
-    req = urllib.request.Request(f"http://{host}:{ports.management}/models/{name}")
+def _describe(run_dir: Path, name: str, ports: Ports, host: str, customized: bool, timeout_s: float) -> list:
+    query = "?customized=true" if customized else ""
+    req = urllib.request.Request(f"http://{host}:{ports.management}/models/{name}{query}")
     token = run_dir_key(run_dir, "management")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        described = json.loads(resp.read())
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        return json.loads(resp.read())
+
+
+def worker_states(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> list[str]:
+    """The workers' states as the frontend sees them (a dead process can still be listed READY)."""
+    described = _describe(run_dir, name, ports, host, False, 5)
     return [w["status"] for model in described for w in model.get("workers", [])]
+
+
+def worker_answers(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1", timeout_s: float = 5.0) -> bool:
+    """Whether a worker answers a request now: the describe that the handler itself replies to.
+
+    It waits in the same queue as inference requests, so a worker that is wedged, dead or
+    busy past `timeout_s` counts as not answering.
+    """
+    try:
+        described = _describe(run_dir, name, ports, host, True, timeout_s)
+    except (urllib.error.URLError, OSError, ValueError, UserError):
+        return False
+    return any(isinstance(m, dict) and m.get("customizedMetadata", {}).get("model_name") == name
+               for m in described)
 
 
 def wait_ready(run_dir: Path, name: str, ports: Ports, host: str, timeout_s: float,
@@ -150,12 +191,12 @@ def wait_ready(run_dir: Path, name: str, ports: Ports, host: str, timeout_s: flo
         if proc is not None and proc.poll() is not None:
             raise UserError(f"TorchServe exited with status {proc.returncode}; see {run_dir / 'logs'}")
         try:
-            if "READY" in worker_states(run_dir, name, ports, host):
+            if "READY" in worker_states(run_dir, name, ports, host) and worker_answers(run_dir, name, ports, host):
                 return
         except (urllib.error.URLError, OSError, ValueError, UserError):
             pass   # frontend not up yet, or key file not (completely) written yet
         time.sleep(0.5)
-    raise UserError(f"no TorchServe worker for '{name}' became READY within {timeout_s:.0f}s; "
+    raise UserError(f"no TorchServe worker for '{name}' became READY and answered within {timeout_s:.0f}s; "
                     f"see {run_dir / 'logs' / 'model_log.log'}")
 
 
@@ -204,12 +245,20 @@ def group_alive(pgid: int) -> bool:
     return bool(group_pids(pgid))
 
 
-def status(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1") -> str:
+@dataclass
+class Status:
+    text: str
+    ready: bool           # a worker answered a request just now
+
+
+def status(run_dir: Path, name: str, ports: Ports, host: str = "127.0.0.1", timeout_s: float = 5.0) -> Status:
     pid = running_pid(run_dir)
     if pid is None:
-        return "stopped"
+        return Status("stopped", False)
     try:
         states = worker_states(run_dir, name, ports, host)
     except (urllib.error.URLError, OSError, ValueError, UserError):
-        return f"running (pid {pid}), management API not answering"
-    return f"running (pid {pid}), workers: {', '.join(states) or 'none'}"
+        return Status(f"running (pid {pid}), management API not answering", False)
+    answers = worker_answers(run_dir, name, ports, host, timeout_s)
+    verdict = "a worker answers" if answers else f"NOT READY: no worker answered within {timeout_s:g}s"
+    return Status(f"running (pid {pid}), workers: {', '.join(states) or 'none'}; {verdict}", answers)
