@@ -3,28 +3,32 @@
 It is the only place that decides anything about a request: what to run
 (through the planner), in what order, when to stop, and what the answer says.
 The TorchServe handler and the embedded gRPC server only translate to and
-from it. Per request it runs decode -> plan -> run -> encode; each member's
-stage weights are generated just before the stage and dropped after it,
-unless the optional byte-bounded cache keeps them. Turns on the device come
-from the scheduler, one member (or exit) at a time.
+from it. A request is parsed and planned in the caller's thread, then queued;
+one device thread (the scheduler) runs whatever is queued as one batch, each
+member once for every request that needs it (weights generated once per batch),
+and hands each answer back as soon as it exists. Generated weights are dropped
+after each step unless the optional byte-bounded cache keeps them.
 """
 from __future__ import annotations
 
-import uuid
+import queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from npas_serve.checkpoint import Manifest, load_checkpoint
+from npas_serve.engine.answer import Answers
+from npas_serve.engine.batch import BatchRunner
 from npas_serve.engine.cache import WeightCache
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
-from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step
-from npas_serve.engine.run import Observation, RequestRun
-from npas_serve.engine.scheduler import FifoScheduler
-from npas_serve.engine.stages import StageResult, StageRunner
-from npas_serve.ensemble import Temperatures, combine
+from npas_serve.engine.planner import CostModel, Planner, Step
+from npas_serve.engine.run import Delivery, Observation, RequestRun
+from npas_serve.engine.scheduler import BatchScheduler
+from npas_serve.engine.stages import StageRunner
+from npas_serve.ensemble import Temperatures
 from npas_serve.family import Family
 from npas_serve.protocol.request import InferenceRequest, RequestError, RequestLimits, parse_request
 from npas_serve.protocol.response import InferenceResponse
@@ -34,18 +38,31 @@ from npas_serve.protocol.response import InferenceResponse
 class EngineConfig:
     device: str = "cpu"
     cache_bytes: int = 0                 # LRU of generated weights; 0 keeps only the shared parameters
-    max_batch: int = 256
+    max_batch: int = 256                 # examples in one request
     max_payload_bytes: int = 4 * 2**20
     warmup_batch_sizes: tuple[int, ...] = (1, 8, 32)
     model_name: str = "npas"
     model_version: str = "1"
     freeze: bool = False                 # generate every member once at load, then run plain modules
     trust_code: bool = False             # load a checkpoint carrying its family's code (runs that code)
+    batch_examples: int = 256            # examples the device thread runs as one batch, at most
+    batch_delay_ms: float = 0.0          # wait this long for a batch to fill; 0: run what is queued at once
+    threads: int = 1                     # torch intra-op threads (0 leaves torch's default); see set_threads
+
+
+def set_threads(threads: int) -> None:
+    """The fast setting by default: one intra-op thread. Under load the device thread runs batches
+    back to back while gRPC, parsing and encoding need the other cores; torch's default (a thread
+    per core, spinning between ops) made a loaded server about 3x slower (issue 10). 0 keeps torch's
+    default, for a machine whose cores serve only this engine."""
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 class Engine:
     def __init__(self, family: Family, manifest: Manifest, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
+        set_threads(self.config.threads)
         self.device = torch.device(self.config.device)
         self.family = family.to(self.device).eval()
         self.manifest = manifest
@@ -60,18 +77,32 @@ class Engine:
                         if self.config.freeze else None)
         self._stages = StageRunner(self.family, self.device, self.cache, self._frozen)
         self._resident = resident_bytes(self.family, self._frozen, 0)   # fixed at load, but for the cache
-        self._scheduler = FifoScheduler()
         self._observers: list[Callable[[Observation], None]] = []
         self.cost = CostModel(len(self.names), self.num_exits)
         self.cost.fit(self._time_member, self.config.warmup_batch_sizes)
         self.planner = Planner.from_manifest(self.cost, self.names, manifest)
         self.temperatures = Temperatures.from_report(manifest.report)   # fitted on validation by `eval`
+        self._batches = BatchRunner(self._stages, self.cost,
+                                    Answers(self.names, self.temperatures, self.config.model_name,
+                                            self.config.model_version), self.num_exits)
+        self.scheduler = BatchScheduler(self._batches.run, self._batches.predict_ms,
+                                        self.config.batch_examples, self.config.batch_delay_ms)
+        self._warm = self.answer(InferenceRequest(  # one request through the whole path before serving
+            inputs=np.zeros((1, *self.limits.input_shape), np.float32), request_id="warm-up")).final
 
     @classmethod
     def load(cls, checkpoint: str | Path, config: EngineConfig | None = None) -> "Engine":
         config = config or EngineConfig()
         family, manifest = load_checkpoint(Path(checkpoint), config.device, trust_code=config.trust_code)
         return cls(family, manifest, config)
+
+    def close(self) -> None:
+        """Finish the queued work and stop the device thread."""
+        self.scheduler.close()
+
+    def ready(self) -> bool:
+        """Serving: it answered its warm-up request and the scheduler is taking work (v2 readiness)."""
+        return self._warm and self.scheduler.running
 
     # --- public surface ---------------------------------------------------------------------
     def add_observer(self, observer: Callable[[Observation], None]) -> None:
@@ -85,6 +116,24 @@ class Engine:
             self._notify(Observation("unknown", "invalid", 0.0, [], None, False, 0.0))
             raise
 
+    def submit(self, requests: Sequence[InferenceRequest], deliveries: Sequence[Delivery],
+               intermediate: bool | Sequence[bool] = False) -> list[RequestRun]:
+        """The batched entry: plan each request and queue them together; answers (and the error that
+        ends a request: DeadlineExceeded, Cancelled, or the batch's failure) go to its delivery, from
+        the device thread, the last answer with `final`. `RequestRun.cancel()` drops a request."""
+        flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
+        ahead = self.scheduler.queued_examples()
+        runs = []
+        for request, deliver, flag in zip(requests, deliveries, flags, strict=True):
+            run = RequestRun.start(request, inputs=self._inputs(request), intermediate=flag, deliver=deliver,
+                                   on_end=self._notify)
+            ahead += run.examples
+            self._plan(run, min(ahead, self.config.batch_examples),
+                       self.scheduler.expected_wait_ms(run.examples))
+            runs.append(run)
+        self.scheduler.submit(runs)
+        return runs
+
     def answer(self, request: InferenceRequest) -> InferenceResponse:
         """The final answer only."""
         last = None
@@ -96,113 +145,54 @@ class Engine:
         """One refined answer per finished member (ensemble) or exit (anytime), the last one final.
 
         `intermediate=False` yields the final answer alone, without building the others
-        (each costs a stack, entropy and votes: per-request overhead at batch 1).
+        (each costs a stack, entropy and votes: per-request overhead at batch 1). Closing
+        the iterator early drops the request's remaining work.
         """
-        run = RequestRun.start(request)
-        status = "error"
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        run, = self.submit([request], [box.put], intermediate)
         try:
-            execute = self._anytime if request.mode == "anytime" else self._ensemble
-            for run.last in execute(run, intermediate):
-                yield run.last
-            status = "ok"
-        except RequestError:
-            status = "invalid"
-            raise
+            while True:
+                item = box.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.final:
+                    return
         finally:
-            self._notify(run.observation(status))
+            run.cancel()            # a no-op once it has ended
+
+    def answer_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResponse | Exception]:
+        """Final answers of requests queued together (TorchServe's batch); each request's own
+        error (DeadlineExceeded, a failed batch) in its place."""
+        boxes = [queue.SimpleQueue() for _ in requests]
+        self.submit(requests, [box.put for box in boxes])
+        results = []
+        for box in boxes:
+            while not (isinstance(item := box.get(), BaseException) or item.final):
+                pass
+            results.append(item)
+        return results
 
     def resident_bytes(self) -> ResidentBytes:
         """What stays on the device: fixed at load, except the cache (read on every request)."""
         return ResidentBytes(self._resident.bank, self._resident.coefficients, self._resident.norms_heads,
                              self.cache.bytes, self._resident.frozen)
 
-    # --- running ----------------------------------------------------------------------------
+    # --- planning -----------------------------------------------------------------------------
     def _inputs(self, request: InferenceRequest) -> torch.Tensor:
         return torch.from_numpy(self.manifest.normalisation.apply(request.inputs)).to(self.device)
 
-    def _stage(self, step: Step, h: torch.Tensor) -> StageResult:
-        """Run one step; its time corrects the cost model."""
-        result = self._stages.run(step, h)
-        self.cost.observe(step, h.shape[0], result.ms)
-        return result
-
-    def _ensemble(self, run: RequestRun, intermediate: bool) -> Iterator[InferenceResponse]:
+    def _plan(self, run: RequestRun, batch: int, wait_ms: float) -> None:
+        """Plan for the batch it will join, with the predicted wait in the queue counted as spent."""
         request = run.request
-        x = self._inputs(request)
-        members = None if request.members is None else [self.names.index(n) for n in request.members]
-        plan = run.plan = self.planner.ensemble(len(x), request.ensemble_size, members, run.budget_ms)
-        steps = {m: [s for s in plan.steps if s.member == m] for m in plan.members}
-        done: list[torch.Tensor] = []
-        for i, m in enumerate(plan.members):
-            h = x
-            with self._scheduler.turn(), torch.inference_mode():
-                for step in steps[m]:
-                    result = self._stage(step, h)
-                    run.count(result)
-                    h = result.hidden
-            done.append(result.probs)
-            run.members_run.append(self.names[m])
-            # stop before a member that would break the budget; the answer so far is final
-            last = i == len(plan.members) - 1 or not self._fits(run, steps[plan.members[i + 1]], len(x))
-            if last or intermediate:
-                yield self._respond(run, done, None, final=last)
-            if last:
-                return
-
-    def _anytime(self, run: RequestRun, intermediate: bool) -> Iterator[InferenceResponse]:
-        request = run.request
-        x = self._inputs(request)
-        member = None if request.members is None else self.names.index(request.members[0])
-        plan = run.plan = self.planner.anytime(len(x), member, request.exit, run.budget_ms)
-        run.members_run.append(self.names[plan.members[0]])
-        h, seen = x, []
-        for i, step in enumerate(plan.steps):
-            with self._scheduler.turn(), torch.inference_mode():
-                result = self._stage(step, h)
-            run.count(result)
-            h = result.hidden
-            seen.append(result.probs)
-            confident = (request.min_confidence is not None
-                         and bool((result.probs.max(dim=-1).values >= request.min_confidence).all()))
-            last = (confident or i == len(plan.steps) - 1
-                    or not self._fits(run, [plan.steps[i + 1]], len(x)))
-            if last or intermediate:
-                yield self._respond(run, seen, step.stage, final=last)
-            if last:
-                return
-
-    def _fits(self, run: RequestRun, steps: list[Step], batch: int) -> bool:
-        """`Planner.fits`, with the expected wait for a turn counted as time already spent.
-
-        Under concurrent load the next member or exit first waits for other requests'
-        stages; a check that ignored the wait would start work that ends past the budget.
-        Like the initial plan, it keeps 1 - SAFETY of the budget for prediction error.
-        """
-        return self.planner.fits(steps, batch, run.started - self._scheduler.expected_wait_ms / 1000,
-                                 None if run.budget_ms is None else run.budget_ms * SAFETY)
-
-    def _respond(self, run: RequestRun, voters: Sequence[torch.Tensor], exit_reached: int | None,
-                 final: bool) -> InferenceResponse:
-        """Ensemble: the mean of the members' probabilities. Anytime: the latest exit's,
-        with the exits run so far as the voters of its disagreement. Either is calibrated at
-        its temperature (per ensemble size, or per member's exit)."""
-        request, plan = run.request, run.plan
-        temperature = (self.temperatures.for_ensemble(len(voters)) if exit_reached is None
-                       else self.temperatures.for_exit(self.names[plan.members[0]], exit_reached))
-        c = combine(voters, None if exit_reached is None else voters[-1], temperature)
-        latency = run.elapsed_ms()
-        if exit_reached is None:
-            plan_names = [self.names[m] for m in plan.members]
+        budget = None if run.budget_ms is None else run.budget_ms - wait_ms
+        if request.mode == "anytime":
+            member = None if request.members is None else self.names.index(request.members[0])
+            run.plan = self.planner.anytime(batch, member, request.exit, budget)
+            run.members_run.append(self.names[run.plan.members[0]])
         else:
-            plan_names = [f"{self.names[s.member]}:e{s.stage}" for s in plan.steps]
-        return InferenceResponse(
-            request_id=request.request_id or uuid.uuid4().hex, model_name=self.config.model_name,
-            model_version=self.config.model_version, mode=request.mode,
-            predictions=c.predictions.cpu().tolist(), probabilities=c.probabilities.float().cpu().numpy(),
-            entropy=c.entropy.cpu().tolist(), disagreement=c.disagreement.cpu().tolist(),
-            members_used=list(run.members_run), exit_reached=exit_reached, plan=plan_names, latency_ms=latency,
-            budget_ms=request.budget_ms,
-            budget_met=None if run.budget_ms is None else latency <= run.budget_ms, final=final)
+            members = None if request.members is None else [self.names.index(n) for n in request.members]
+            run.plan = self.planner.ensemble(batch, request.ensemble_size, members, budget)
 
     def _notify(self, observation: Observation) -> None:
         for observer in self._observers:
@@ -215,7 +205,9 @@ class Engine:
         h = torch.randn(batch, *self.limits.input_shape, device=self.device)
         times = []
         for s in range(self.num_exits):
-            result = self._stage(Step(member, s), h)
+            step = Step(member, s)
+            result = self._stages.run(step, h)
+            self.cost.observe(step, batch, result.ms)
             h = result.hidden
             times.append(result.ms)
         return times

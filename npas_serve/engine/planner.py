@@ -164,7 +164,12 @@ class Planner:
 
     def fits(self, steps: Sequence[Step], batch: int, started: float, budget_ms: float | None) -> bool:
         """Whether `steps` are still predicted to finish within the budget, given the time spent."""
-        if budget_ms is None:
-            return True
-        spent = (time.perf_counter() - started) * 1000
-        return spent + self._predict(steps, batch) <= budget_ms
+        return budget_ms is None or finishes_within(self._predict(steps, batch), started, budget_ms)
+
+
+def finishes_within(predicted_ms: float, started: float, budget_ms: float | None) -> bool:
+    """Whether work predicted to take `predicted_ms` from now ends within the budget of a clock
+    started at `started` (perf_counter seconds)."""
+    if budget_ms is None:
+        return True
+    return (time.perf_counter() - started) * 1000 + predicted_ms <= budget_ms

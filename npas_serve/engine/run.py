@@ -1,13 +1,20 @@
-"""One request in flight: its clock, its budget, its plan, and what it has done so far.
+"""One request in flight: its clock, its budget, its plan, what it has done, and where its answers go.
 
-The engine carries one `RequestRun` through a request's execution instead of
-passing the clock, budget and tallies around; when the request ends it becomes
-the `Observation` that adapters turn into metrics.
+The engine carries one `RequestRun` through a request's life (queue, batch, answer)
+instead of passing the clock, budget and tallies around. Answers leave through
+`deliver` as soon as they exist (the caller decides how: a queue for a thread, the
+event loop for grpc.aio); when the request ends it becomes the `Observation` that
+adapters turn into metrics.
 """
 from __future__ import annotations
 
+import math
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 
 from npas_serve.engine.planner import Plan
 from npas_serve.engine.stages import StageResult
@@ -15,18 +22,28 @@ from npas_serve.protocol.request import InferenceRequest
 from npas_serve.protocol.response import InferenceResponse
 
 
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before it had any answer: servers say DEADLINE_EXCEEDED / 504."""
+
+
+class Cancelled(Exception):
+    """The caller gave up (cancelled call, expired gRPC deadline): its work was dropped."""
+
+
 @dataclass
 class Observation:
     """What one request did; adapters turn it into their metrics."""
 
     mode: str
-    status: str                 # ok | invalid | error
+    status: str                 # ok | invalid | error | deadline | cancelled
     latency_s: float
     members_run: list[str]
     exit_depth: int | None
     budget_missed: bool
     generation_s: float
     cache_hits: int = 0         # stages this request took from the weight cache
+    queue_s: float | None = None          # from arrival to its batch starting on the device
+    batch_examples: int | None = None     # examples in the batch it ran in (its own included)
 
 
 def effective_budget_ms(budget_ms: float | None, deadline_unix_ms: float | None,
@@ -38,7 +55,10 @@ def effective_budget_ms(budget_ms: float | None, deadline_unix_ms: float | None,
     return left if budget_ms is None else min(budget_ms, left)
 
 
-@dataclass
+Delivery = Callable[["InferenceResponse | BaseException"], None]
+
+
+@dataclass(eq=False)
 class RequestRun:
     request: InferenceRequest
     started: float                                  # time.perf_counter() at arrival
@@ -48,21 +68,80 @@ class RequestRun:
     last: InferenceResponse | None = None           # the latest answer given
     generation_s: float = 0.0
     cache_hits: int = 0
+    inputs: torch.Tensor | None = None              # normalised, on the device
+    intermediate: bool = False                      # build and deliver the refined answers too
+    deliver: Delivery | None = None                 # where answers (or the error that ends it) go
+    on_end: Callable[[Observation], None] | None = None
+    seq: int = 0                                    # arrival order, the tie-break after the deadline
+    queue_s: float | None = None
+    batch_examples: int | None = None
+    done: bool = False
+    deadline_at: float = math.inf                   # perf_counter() time of the absolute deadline, if any
+    _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
-    def start(cls, request: InferenceRequest) -> "RequestRun":
-        return cls(request, time.perf_counter(),
-                   effective_budget_ms(request.budget_ms, request.deadline_unix_ms, time.time() * 1000))
+    def start(cls, request: InferenceRequest, **fields) -> "RequestRun":
+        started, now_unix_ms = time.perf_counter(), time.time() * 1000
+        deadline = request.deadline_unix_ms
+        return cls(request, started, effective_budget_ms(request.budget_ms, deadline, now_unix_ms),
+                   deadline_at=math.inf if deadline is None else started + (deadline - now_unix_ms) / 1000,
+                   **fields)
 
+    # --- clock ---------------------------------------------------------------------------------
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
 
+    @property
+    def examples(self) -> int:
+        return len(self.request.inputs)
+
+    @property
+    def due(self) -> float:
+        """perf_counter() time its budget or deadline ends (inf without either): the batch order."""
+        return math.inf if self.budget_ms is None else self.started + self.budget_ms / 1000
+
+    def deadline_passed(self) -> bool:
+        """Only an absolute deadline is hard (nobody waits after it); a bare budget is a target."""
+        return time.perf_counter() >= self.deadline_at
+
+    # --- cancellation --------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Thread-safe: the scheduler drops it from the queue, or from its batch at the next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # --- tallies and the end -------------------------------------------------------------------
     def count(self, result: StageResult) -> None:
         self.generation_s += result.generation_s
         self.cache_hits += result.cache_hits
+
+    def give(self, answer: InferenceResponse) -> None:
+        """Deliver an answer; a final one ends the request."""
+        if self.done:
+            return
+        self.last = answer
+        if self.deliver is not None:
+            self.deliver(answer)
+        if answer.final:
+            self._end("ok")
+
+    def fail(self, error: BaseException, status: str) -> None:
+        if self.done:
+            return
+        if self.deliver is not None:
+            self.deliver(error)
+        self._end(status)
+
+    def _end(self, status: str) -> None:
+        self.done = True
+        if self.on_end is not None:
+            self.on_end(self.observation(status))
 
     def observation(self, status: str) -> Observation:
         missed = bool(self.last is not None and self.last.budget_met is False)
         return Observation(self.request.mode, status, self.elapsed_ms() / 1000, self.members_run,
                            self.last.exit_reached if self.last else None, missed, self.generation_s,
-                           self.cache_hits)
+                           self.cache_hits, self.queue_s, self.batch_examples)

@@ -1,69 +1,133 @@
-"""Who uses the device next: requests take turns in arrival order.
+"""Who uses the device: one thread, which runs whatever is queued whenever the device is free.
 
-A request takes one turn per member (or exit), so concurrent requests
-interleave. The scheduler also keeps the expected wait for a turn, which the
-engine counts as time already spent when it decides whether more work still
-fits a request's budget.
+Requests are queued with their plans. When the device thread is free it takes the
+queue (no wait when idle; with `max_delay_ms` it waits that long for a batch to fill
+to `max_examples`), drops what nobody waits for (cancelled: dropped; past its deadline:
+refused with DeadlineExceeded, since it has no answer yet), orders the rest by deadline
+(earliest first, then arrival) and hands up to `max_examples` examples to `execute` as
+one batch; the rest wait for the next one. No request is left in the queue.
+
+It also predicts a newcomer's wait (the running batch's remainder and the queued work
+that goes first), which the engine counts as time already spent when it plans.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Sequence
 
-WAIT_EMA = 0.2        # weight of a new wait in the expected wait
+from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
 
 
-class FifoLock:
-    """A lock granted in arrival order.
+class BatchScheduler:
+    def __init__(self, execute: Callable[[list[RequestRun]], None],
+                 estimate_ms: Callable[[Sequence[RequestRun]], float],
+                 max_examples: int = 256, max_delay_ms: float = 0.0):
+        if max_examples < 1 or max_delay_ms < 0:
+            raise ValueError(f"max_examples must be >= 1 and max_delay_ms >= 0, got {max_examples}, {max_delay_ms}")
+        self.execute, self.estimate_ms = execute, estimate_ms
+        self.max_examples, self.max_delay_ms = max_examples, max_delay_ms
+        self._queue: list[RequestRun] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._busy_until = 0.0              # perf_counter() the running batch is predicted to end
+        self._closed = False
+        self.batches = 0                    # batches run so far (tests and benchmarks read it)
+        self._thread = threading.Thread(target=self._loop, name="npas-device", daemon=True)
+        self._thread.start()
 
-    With a plain lock the thread that just released it usually wins it back, so a
-    request waits for whole other requests, by luck; in arrival order it waits for
-    the work queued ahead of it, which the expected wait can then predict.
-    """
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._next = 0                    # next ticket to hand out
-        self._serving = 0                 # ticket that holds the lock
-        self._abandoned: set[int] = set() # tickets whose waiter gave up (an exception while waiting)
-
-    def __enter__(self) -> None:
+    # --- callers' side ------------------------------------------------------------------------
+    def submit(self, runs: Sequence[RequestRun]) -> None:
+        """Queue requests together: requests submitted in one call are seen by the same batch."""
         with self._cond:
-            ticket = self._next
-            self._next += 1
-            try:
-                while ticket != self._serving:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            for run in runs:
+                run.seq = next(self._seq)
+            self._queue.extend(runs)
+            self._cond.notify()
+
+    def queued_examples(self) -> int:
+        with self._cond:
+            return sum(r.examples for r in self._queue)
+
+    def expected_wait_ms(self, examples: int) -> float:
+        """A newcomer's predicted wait before its batch starts: the running batch's remainder, plus
+        the queued work when it and the newcomer cannot share one batch."""
+        with self._cond:
+            wait = max(0.0, self._busy_until - time.perf_counter()) * 1000
+            queued = sum(r.examples for r in self._queue)
+            if self._queue and queued + examples > self.max_examples:
+                wait += self.estimate_ms(self._queue)
+            return wait
+
+    @property
+    def running(self) -> bool:
+        """Taking work: not closed, and the device thread alive."""
+        return not self._closed and self._thread.is_alive()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop after the queued work; later submissions are refused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # --- the device thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
                     self._cond.wait()
-            except BaseException:
-                self._abandoned.add(ticket)
-                self._advance(0)
-                raise
+                if not self._queue:
+                    return
+                self._fill()
+                batch, dropped = self._take()
+                now = time.perf_counter()
+                self._busy_until = now + (self.estimate_ms(batch) / 1000 if batch else 0.0)
+            for run in dropped:             # callbacks outside the lock
+                if run.cancelled:
+                    run.fail(Cancelled("the call was cancelled while queued"), "cancelled")
+                else:
+                    run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed while the request was "
+                                              "queued; nothing was computed"), "deadline")
+            if not batch:
+                continue
+            examples = sum(r.examples for r in batch)
+            for run in batch:
+                run.queue_s, run.batch_examples = now - run.started, examples
+            try:
+                self.execute(batch)
+            except BaseException as err:    # the batch failed as a whole: every request in it says so
+                for run in batch:
+                    run.fail(err, "error")
+            finally:
+                self.batches += 1
+                with self._cond:
+                    self._busy_until = 0.0
 
-    def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._advance(1)
+    def _fill(self) -> None:
+        """With a maximum delay: wait (the lock released) until the batch is full or the oldest
+        request has waited that long. Without one, take what is there."""
+        if not self.max_delay_ms:
+            return
+        until = min(r.started for r in self._queue) + self.max_delay_ms / 1000
+        while (sum(r.examples for r in self._queue) < self.max_examples and not self._closed
+               and (left := until - time.perf_counter()) > 0):
+            self._cond.wait(left)
 
-    def _advance(self, step: int) -> None:
-        self._serving += step
-        while self._serving in self._abandoned:
-            self._abandoned.remove(self._serving)
-            self._serving += 1
-        self._cond.notify_all()
-
-
-class FifoScheduler:
-    """One turn on the device at a time (torch already uses every core), first come first served."""
-
-    def __init__(self):
-        self._lock = FifoLock()
-        self.expected_wait_ms = 0.0       # moving average of the wait for a turn: other requests' work
-
-    @contextmanager
-    def turn(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        with self._lock:
-            waited = (time.perf_counter() - t0) * 1000
-            self.expected_wait_ms = (1 - WAIT_EMA) * self.expected_wait_ms + WAIT_EMA * waited
-            yield
+    def _take(self) -> tuple[list[RequestRun], list[RequestRun]]:
+        """The next batch, in deadline order, and what is dropped; the rest stays queued."""
+        dropped, ready = [], []
+        for run in self._queue:
+            (dropped if run.cancelled or run.deadline_passed() else ready).append(run)
+        ready.sort(key=lambda r: (r.due, r.seq))
+        batch, examples = [], 0
+        for run in ready:
+            if batch and examples + run.examples > self.max_examples:
+                break
+            batch.append(run)
+            examples += run.examples
+        self._queue = ready[len(batch):]
+        return batch, dropped

@@ -1,12 +1,16 @@
 """The engine: answers, uncertainty, anytime stopping, resident memory, cache."""
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from npas_serve.checkpoint import load_checkpoint
 from npas_serve.engine import Engine, EngineConfig
+from npas_serve.engine.run import DeadlineExceeded
 from npas_serve.ensemble import Temperatures, combine
 from npas_serve.layers import SharedLayer
 from npas_serve.protocol import InferenceRequest
@@ -86,11 +90,34 @@ def test_budget_is_reported(engine, x):
     assert engine.answer(InferenceRequest(inputs=x)).budget_met is None
 
 
-def test_a_past_deadline_still_answers_and_says_the_budget_was_missed(engine, x):
-    import time
+def test_a_deadline_passed_before_any_answer_is_refused_not_run(engine, x):
+    seen = []
+    engine.add_observer(seen.append)
+    with pytest.raises(DeadlineExceeded):
+        engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 - 1000))
+    assert seen[-1].status == "deadline" and seen[-1].members_run == [] and seen[-1].generation_s == 0
 
-    answer = engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 - 1000))
-    assert answer.budget_met is False and len(answer.members_used) == 1
+
+def test_a_deadline_passing_mid_run_makes_the_best_answer_so_far_final(engine, x):
+    """The deadline passes once the first member has answered: that answer is repeated as final."""
+    holder, ready = [], threading.Event()
+
+    def deliver(item):
+        got.append(item)
+        if len(got) == 1:
+            ready.wait(5)
+            holder[0].deadline_at = 0.0          # perf_counter() is past it from now on
+
+    got = []
+    holder += engine.submit([InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 + 60_000)],
+                            [deliver], intermediate=True)
+    ready.set()
+    end = time.monotonic() + 30
+    while not holder[0].done and time.monotonic() < end:
+        time.sleep(0.01)
+    assert [a.final for a in got] == [False, True]
+    assert got[0].members_used == got[1].members_used and len(got[1].members_used) == 1
+    np.testing.assert_allclose(got[0].probabilities, got[1].probabilities)
 
 
 def test_resident_bytes_are_the_shared_parameters_only(engine, x):

@@ -1,41 +1,130 @@
-"""Turns on the device are granted in arrival order."""
+"""The device thread: takes what is queued, drops what nobody waits for, orders by deadline."""
 from __future__ import annotations
 
 import threading
 import time
 
-from npas_serve.engine.scheduler import FifoScheduler
+import numpy as np
+import pytest
+
+from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
+from npas_serve.engine.scheduler import BatchScheduler
+from npas_serve.protocol import InferenceRequest
 
 
-def take(scheduler: FifoScheduler, order: list[int], i: int) -> None:
-    with scheduler.turn():
-        order.append(i)
+class Device:
+    """A fake `execute`: records each batch's requests, optionally held until released."""
+
+    def __init__(self, hold: bool = False):
+        self.batches: list[list[str]] = []
+        self.entered, self.release = threading.Event(), threading.Event()
+        if not hold:
+            self.release.set()
+
+    def __call__(self, runs):
+        self.batches.append([r.request.request_id for r in runs])
+        self.entered.set()
+        assert self.release.wait(10)
+        for r in runs:
+            r.done = True
 
 
-def test_turns_follow_arrival_order_and_the_wait_is_expected():
-    scheduler = FifoScheduler()
-    order: list[int] = []
-    started: list[threading.Thread] = []
-    with scheduler.turn():                      # hold the device while five requests queue up
-        for i in range(5):
-            t = threading.Thread(target=take, args=(scheduler, order, i), daemon=True)
-            t.start()
-            started.append(t)
-            deadline = time.monotonic() + 5
-            while scheduler._lock._next != i + 2 and time.monotonic() < deadline:
-                time.sleep(0.001)               # the thread holds its ticket before the next one starts
-        time.sleep(0.02)
-    for t in started:
-        t.join(5)
-    assert order == [0, 1, 2, 3, 4]
-    assert scheduler.expected_wait_ms > 0
+def run(rid: str, examples: int = 1, **knobs) -> RequestRun:
+    got = []
+    r = RequestRun.start(InferenceRequest(inputs=np.zeros((examples, 4), np.float32), request_id=rid, **knobs),
+                         deliver=got.append)
+    r.got = got
+    return r
 
 
-def test_a_waiter_that_gives_up_does_not_block_the_next():
-    scheduler = FifoScheduler()
-    lock = scheduler._lock
-    lock._abandoned.add(1)                      # ticket 1's waiter left while waiting
-    lock._next = 3
-    with lock._cond:
-        lock._advance(1)                        # ticket 0 releases
-    assert lock._serving == 2
+def wait_for(cond, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.002)
+    assert cond()
+
+
+def test_queued_requests_run_together_in_deadline_order_then_arrival():
+    device = Device(hold=True)
+    s = BatchScheduler(device, lambda runs: 1.0)
+    s.submit([run("first")])                     # runs alone at once: no wait when idle
+    assert device.entered.wait(10)
+    now = time.time() * 1000
+    s.submit([run("none-a"), run("late", deadline_unix_ms=now + 60_000), run("soon", budget_ms=30_000),
+              run("none-b")])
+    device.release.set()
+    wait_for(lambda: s.batches == 2)
+    assert device.batches == [["first"], ["soon", "late", "none-a", "none-b"]]
+    s.close()
+
+
+def test_a_batch_holds_at_most_max_examples_and_the_rest_waits():
+    device = Device(hold=True)
+    s = BatchScheduler(device, lambda runs: 1.0, max_examples=4)
+    s.submit([run("hold")])
+    assert device.entered.wait(10)
+    s.submit([run("a", 3), run("b", 2), run("c", 1), run("big", 9)])
+    device.release.set()
+    wait_for(lambda: s.batches == 4)
+    # a larger request than max_examples still runs, alone
+    assert device.batches == [["hold"], ["a"], ["b", "c"], ["big"]]
+    s.close()
+
+
+def test_cancelled_and_expired_requests_leave_the_queue_unrun():
+    device = Device(hold=True)
+    s = BatchScheduler(device, lambda runs: 1.0)
+    s.submit([run("hold")])
+    assert device.entered.wait(10)
+    gone, expired, kept = run("gone"), run("expired", deadline_unix_ms=time.time() * 1000 + 1), run("kept")
+    s.submit([gone, expired, kept])
+    gone.cancel()
+    time.sleep(0.01)                              # the expired one's deadline passes while queued
+    device.release.set()
+    wait_for(lambda: s.batches == 2)
+    assert device.batches == [["hold"], ["kept"]]
+    assert isinstance(gone.got[0], Cancelled) and isinstance(expired.got[0], DeadlineExceeded)
+    assert gone.done and expired.done and s.queued_examples() == 0
+    s.close()
+
+
+def test_a_failing_batch_fails_each_of_its_requests():
+    def broken(runs):
+        raise RuntimeError("device lost")
+
+    s = BatchScheduler(broken, lambda runs: 1.0)
+    a, b = run("a"), run("b")
+    s.submit([a, b])
+    wait_for(lambda: a.done and b.done)
+    assert [str(x.got[0]) for x in (a, b)] == ["device lost", "device lost"]
+    s.close()
+
+
+def test_max_delay_waits_for_a_fuller_batch_and_no_longer():
+    device = Device()
+    s = BatchScheduler(device, lambda runs: 1.0, max_examples=3, max_delay_ms=300)
+    s.submit([run("a")])
+    time.sleep(0.05)
+    s.submit([run("b")])
+    s.submit([run("c")])                          # full: runs before the delay is over
+    wait_for(lambda: s.batches == 1, 2)
+    assert device.batches == [["a", "b", "c"]]
+    t0 = time.perf_counter()
+    s.submit([run("alone")])
+    wait_for(lambda: s.batches == 2, 2)
+    assert 0.25 <= time.perf_counter() - t0 < 2
+    s.close()
+
+
+def test_the_expected_wait_counts_the_running_batch_and_a_full_queue():
+    device = Device(hold=True)
+    s = BatchScheduler(device, lambda runs: 100.0 * len(runs), max_examples=2)
+    s.submit([run("hold")])
+    assert device.entered.wait(10)
+    assert 0 < s.expected_wait_ms(1) <= 100
+    s.submit([run("q1"), run("q2")])
+    assert s.expected_wait_ms(1) > 100             # the queue fills the next batch: one more batch first
+    device.release.set()
+    s.close()
+    with pytest.raises(RuntimeError):
+        s.submit([run("late")])
