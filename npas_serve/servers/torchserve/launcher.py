@@ -30,9 +30,6 @@ from npas_serve.servers.torchserve.processes import group_pids
 
 PID = "torchserve.pid"
 TOKEN_LIFETIME_MIN = 60.0       # TorchServe 0.12's default lifetime of the inference and management keys
-# Workers get request bodies as bytes: the handler bounds their size before anything parses them
-# (TorchServe's worker would otherwise json.loads an application/json body of any size first).
-WORKER_ENV = {"TS_DECODE_INPUT_REQUEST": "false"}
 
 
 @dataclass
@@ -74,6 +71,9 @@ def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports,
         "default_workers_per_model": 1,
         "disable_token_authorization": "true" if dev else "false",
         "token_expiration_min": f"{token_lifetime_min:g}",
+        # request bodies reach the handler as bytes, which bounds their size before anything parses
+        # them (the worker would otherwise json.loads an application/json body of any size first)
+        "decode_input_request": "false",
         "install_py_dep_per_model": "false",
         "model_metrics_auto_detect": "false",
         "disable_system_metrics": "true",
@@ -128,7 +128,7 @@ def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchser
     (run_dir / "config.properties").write_text(
         config_properties(run_dir, model_store, host, ports, dev, token_lifetime_min))
     (run_dir / KEY_FILE).unlink(missing_ok=True)
-    env = dict(os.environ, **WORKER_ENV, **(env or {}), TMPDIR=str(run_dir), TEMP=str(run_dir),
+    env = dict(os.environ, **(env or {}), TMPDIR=str(run_dir), TEMP=str(run_dir),
                LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
     cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
            "--ts-config", str(run_dir / "config.properties"), "--model-store", str(model_store),
