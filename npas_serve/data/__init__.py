@@ -1,6 +1,6 @@
-"""Datasets; importing this package registers mnist1d, digits and npz."""
+"""Datasets; importing this package registers mnist1d, digits, npz and synthetic-cifar."""
 from npas_serve.data.base import Dataset, Normalisation, ValidationSplit
-from npas_serve.data import digits, mnist1d, npz  # noqa: F401
+from npas_serve.data import digits, mnist1d, npz, synthetic  # noqa: F401
 from npas_serve import registry
 
 
