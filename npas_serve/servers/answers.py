@@ -1,0 +1,38 @@
+"""The engine's answers awaited on an asyncio loop: what every grpc.aio servicer runs a request with.
+
+The engine's device thread hands each answer (or the error that ends the request) to the
+loop; a waiting call holds no thread. Leaving the iteration early (the call was cancelled,
+its gRPC deadline passed) drops the request's remaining work from the queue or the batch.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from npas_serve.engine import Engine
+from npas_serve.protocol import InferenceRequest, InferenceResponse
+
+
+async def awaited_answers(engine: Engine, request: InferenceRequest,
+                          intermediate: bool) -> AsyncIterator[InferenceResponse]:
+    """Each answer as it exists, the last one `final`; the error that ended the request is raised."""
+    loop = asyncio.get_running_loop()
+    box: asyncio.Queue = asyncio.Queue()
+
+    def deliver(item) -> None:               # on the device thread
+        try:
+            loop.call_soon_threadsafe(box.put_nowait, item)
+        except RuntimeError:                 # the loop has closed: the server stopped, nobody waits
+            pass
+
+    run, = engine.submit([request], [deliver], intermediate)
+    try:
+        while True:
+            item = await box.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.final:
+                return
+    finally:
+        run.cancel()                         # a no-op once it has ended
