@@ -133,3 +133,27 @@ def test_normalisation_is_fitted_on_the_training_split(good_npz):
     z = norm.apply(d.x_train)
     assert z.dtype == np.float32
     assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(40,), (2, 40), (8, 8), (3, 8, 8)])
+def test_npz_examples_of_any_shape_load_as_they_are(tmp_path, shape):
+    rng = np.random.default_rng(0)
+    path = write(tmp_path / "any.npz", x=rng.standard_normal((30, *shape)), y=np.arange(30) % 3)
+    assert load_dataset(path).input_shape == shape
+
+
+def test_shaped_as_adds_only_the_channel_axis_of_one(good_npz):
+    d = load_dataset(str(good_npz))
+    assert d.shaped_as((40,)) is d
+    assert d.shaped_as([1, 40]).x_test.shape == (40, 1, 40)
+    with pytest.raises(UserError, match=r"shape \(40,\); the model takes \(2, 20\)"):
+        d.shaped_as((2, 20))
+
+
+def test_synthetic_cifar_is_cifar_shaped_seeded_and_learnable_by_its_class_means():
+    a, b = load_dataset("synthetic-cifar"), load_dataset("synthetic-cifar")
+    assert a.input_shape == (3, 32, 32) and a.num_classes == 10 and (len(a.x_train), len(a.x_test)) == (1000, 200)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    means = np.stack([a.x_train[a.y_train == c].mean(0) for c in range(10)])
+    nearest = ((a.x_test[:, None] - means[None]) ** 2).sum(axis=(2, 3, 4)).argmin(1)
+    assert (nearest == a.y_test).mean() > 0.9          # the classes are there to learn, under the noise

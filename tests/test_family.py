@@ -9,7 +9,7 @@ from torch import nn
 from npas_serve.errors import UserError
 from npas_serve.family import Family, FamilySpec, Member, build_family, share
 from npas_serve.generators.superweights import width_chain
-from npas_serve.layers import SharedConv1d, SharedLayer, SharedLinear
+from npas_serve.layers import SharedConv1d, SharedConv2d, SharedLayer, SharedLinear
 from npas_serve.train import family_loss
 
 TINY = "mnist1d-resnet-tiny"
@@ -280,3 +280,35 @@ def test_a_spec_of_an_older_manifest_reads_method_as_generator_and_a_large_budge
     assert (spec.budget, spec.budget_params) == (None, 5000)
     assert FamilySpec.from_dict({**old, "budget": 0.5}).budget == 0.5
     assert FamilySpec.from_dict(spec.to_dict()) == spec
+
+
+class WeightStandardisedConv(nn.Conv2d):
+    """A user's Conv2d subclass: `share` used to skip it (it matched exact types)."""
+
+
+def test_share_converts_subclasses_and_reports_what_it_left_alone():
+    model = nn.Sequential(WeightStandardisedConv(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv3d(1, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    family = share([model], budget=1.0, names=["cnn"])
+    stage = family.members[0].stages[0]
+    assert isinstance(stage[0], SharedConv2d) and isinstance(stage[6], SharedLinear)
+    assert isinstance(stage[3], nn.Conv3d)             # no shared twin: stays the model's own
+    conversion = family.conversion
+    assert conversion.converted == ["cnn.0: WeightStandardisedConv -> SharedConv2d", "cnn.6: Linear -> SharedLinear"]
+    assert conversion.left_alone == {"BatchNorm2d": ["cnn.1"], "Conv3d": ["cnn.3"]}
+    assert conversion.weights_replaced and "replaced" in conversion.lines()[0]
+    assert "Conv3d x1" in conversion.lines()[1]
+    assert "generated" in share.__doc__ and "replaced" in share.__doc__
+
+
+def test_share_sets_a_spec_that_rebuilds_the_same_bank():
+    family = share([Block(), Wide()], budget=0.5, seed=3)
+    spec = family.spec
+    assert spec.budget_params == family.budget_params and spec.seed == 3
+    assert spec.groups == list(family.generator.groups) and spec.generator == "superweights"
+
+
+def test_share_with_an_example_fails_at_once_on_a_member_the_data_does_not_fit():
+    share([Block()], example=torch.randn(2, 1, 12))
+    with pytest.raises(UserError, match="member 'm0' fails on inputs of shape"):
+        share([Block()], example=torch.randn(2, 3, 12))
