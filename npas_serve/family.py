@@ -164,6 +164,17 @@ class Family(nn.Module):
     def stage_weights(self, member: int, stage: int) -> list[torch.Tensor]:
         return self.generator.generate(self._slot_ids[member][stage])
 
+    def steps_weights(self, steps: Sequence[tuple[int, int]]) -> list[list[torch.Tensor]]:
+        """The weights of several (member, stage) steps from one generator call, so a generator
+        reads each bank once for all of them (a batch's members); per step, as `stage_weights`."""
+        ids = [self._slot_ids[m][s] for m, s in steps]
+        flat = self.generator.generate([i for one in ids for i in one])
+        out, start = [], 0
+        for one in ids:
+            out.append(flat[start:start + len(one)])
+            start += len(one)
+        return out
+
     @contextmanager
     def bound(self, member: int, stage: int, weights: Sequence[torch.Tensor] | None = None):
         """Generated weights attached to a stage's shared layers for the duration of the block."""

@@ -80,10 +80,16 @@ class BatchRunner:
     def run(self, runs: Sequence[RequestRun]) -> None:
         progress = [_Progress(r) for r in runs]
         order = [(m, sum(r.examples for r in runs if m in r.plan.members)) for m in self.member_order(runs)]
-        for position, (member, _) in enumerate(order):
-            group = [p for p in progress if p.needs(member)]
-            if group:
-                self._member(member, group, order[position + 1:])
+        # every planned step's weights in one generator call: each bank is read once for the batch
+        self.stages.prepare([Step(m, s) for m, _ in order
+                             for s in range(max((p.depth(self.num_exits) for p in progress if p.needs(m)), default=-1) + 1)])
+        try:
+            for position, (member, _) in enumerate(order):
+                group = [p for p in progress if p.needs(member)]
+                if group:
+                    self._member(member, group, order[position + 1:])
+        finally:
+            self.stages.release()
         for p in progress:          # nothing may be left waiting: a plan the batch could not finish is a bug
             if not p.run.done:
                 p.run.fail(RuntimeError("the batch ended before this request's plan did"), "error")

@@ -3,11 +3,15 @@
 The weights come from the generator (on the fly), from the optional cache, or
 are already baked into a frozen member; the stage itself runs through the
 family's `run_stage`, the one place that binds generated weights to layers.
+A batch's steps can be generated together first (`prepare`): one generator call
+reads each bank once for every member of the batch, and the weights are dropped
+when the step has run, or at `release`.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -31,18 +35,38 @@ class StageRunner:
         self.device = device
         self.cache = cache
         self.frozen = frozen      # plain members with their weights baked in at load, or None
+        self._prepared: dict[Step, tuple[list[torch.Tensor], float]] = {}   # step -> (weights, its generation s)
+
+    def prepare(self, steps: Sequence[Step]) -> None:
+        """Generate the weights of `steps` in one call; each step's share of the time (by weights
+        generated) is counted in its own `ms`, so the cost model still sees what a step costs."""
+        if self.frozen is not None or self.cache.max_bytes or len(steps) < 2:
+            return
+        t0 = time.perf_counter()
+        weights = self.family.steps_weights([(s.member, s.stage) for s in steps])
+        elapsed = time.perf_counter() - t0
+        numel = [sum(w.numel() for w in ws) for ws in weights]
+        total = sum(numel) or 1
+        self._prepared = {s: (ws, elapsed * n / total) for s, ws, n in zip(steps, weights, numel)}
+
+    def release(self) -> None:
+        """Drop the prepared weights of steps that did not run (requests that left the batch early)."""
+        self._prepared = {}
 
     def run(self, step: Step, h: torch.Tensor) -> StageResult:
         """Callers hold the scheduler's turn, so the cache's hit count is this step's alone."""
         t0 = time.perf_counter()
-        hits = 0
+        hits, generated_s = 0, 0.0
+        prepared = self._prepared.pop(step, None)
         if self.frozen is not None:          # weights baked in at load: nothing to generate
             member = self.frozen[step.member]
             t1 = t0
             h = member.stages[step.stage](h)
         else:
             member = self.family.members[step.member]
-            if self.cache.max_bytes:
+            if prepared is not None:
+                weights, generated_s = prepared
+            elif self.cache.max_bytes:
                 before = self.cache.hits
                 weights = self.cache.get((step.member, step.stage),
                                          lambda: self.family.stage_weights(step.member, step.stage))
@@ -54,4 +78,4 @@ class StageRunner:
         probs = member.heads[step.stage](h).softmax(dim=-1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return StageResult(h, probs, (time.perf_counter() - t0) * 1000, t1 - t0, hits)
+        return StageResult(h, probs, (time.perf_counter() - t0 + generated_s) * 1000, t1 - t0 + generated_s, hits)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from npas_serve.errors import UserError
+from npas_serve.generators.assembly import AssemblyPlan, plan_assembly, run_assembly
 from npas_serve.generators.base import Slot, WeightGenerator, kaiming_bank, unit_orthogonal
 from npas_serve.registry import register_generator
 
@@ -173,7 +174,7 @@ class SuperWeights(WeightGenerator):
         for b, bank in enumerate(self._banks):
             for slot in bank.users:
                 self._pieces[slot].append((b, rows[b][slot]))
-        self._plans: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+        self._plans: dict[tuple[int, ...], AssemblyPlan] = {}
 
     def split_coefficients(self, coefficient_ids: Sequence[int]) -> dict[nn.Parameter, torch.Tensor]:
         """Refine the coefficient classes; every new row starts as a copy of the row it splits from.
@@ -215,74 +216,33 @@ class SuperWeights(WeightGenerator):
     def templates(self, b: int) -> torch.Tensor:
         """The (K, s) templates of piece `b`: consecutive windows of its bank, or of its group's
         pooled bank (tiled when the piece is larger)."""
-        bank, windows = self.banks[self._source[b]], self._windows[b]
-        if windows is not None:
+        bank, windows = self.banks._parameters[str(self._source[b])], self._windows[b]
+        size, k = self._banks[b].size, self.coefficients._parameters[str(b)].shape[1]
+        if windows is not None and size > bank.numel():     # tiled: gather the windows
             if windows.device != bank.device:
                 windows = self._windows[b] = windows.to(bank.device)
             return bank[windows]
-        size, k = self._banks[b].size, self.coefficients[b].shape[1]
-        return bank[: k * size].view(k, size)
+        # consecutive windows (pooled or not): a view of the bank
+        return bank.view(k, size) if bank.numel() == k * size else bank[: k * size].view(k, size)
 
     def diagnostics(self) -> dict[str, float]:
         k = [c.shape[1] for c in self.coefficients]
         return {"pooled": float(self.pooled), "mean_templates": sum(k) / len(k), "min_templates": float(min(k))}
 
-    def _plan(self, slot_ids: tuple[int, ...]) -> list[tuple[int, torch.Tensor]]:
-        """Which coefficient rows each bank needs for these slots (cached: same slots, same plan)."""
+    def _plan(self, slot_ids: tuple[int, ...]) -> AssemblyPlan:
+        """Which rows of which bank, written where (cached: same slots, same plan)."""
         plan = self._plans.get(slot_ids)
         if plan is None:
-            rows: dict[int, list[int]] = {}
-            for slot in slot_ids:
-                for b, row in self._pieces[slot]:
-                    rows.setdefault(b, []).append(row)
-            # a normal tensor even when first asked for under inference_mode (serving), or a
-            # later training step in the same process could not save it for backward
-            with torch.inference_mode(False):
-                plan = [(b, torch.tensor(sorted(set(r)))) for b, r in sorted(rows.items())]
-            self._plans[slot_ids] = plan
+            plan = self._plans[slot_ids] = plan_assembly(
+                slot_ids, [s.shape for s in self.slots], self.groups, self._width, self._banks, self._rows(),
+                [c.shape[0] for c in self.coefficients])
         return plan
 
     def generate(self, slot_ids: Sequence[int]) -> list[torch.Tensor]:
-        slot_ids = tuple(slot_ids)
-        # The engine calls this per stage per request, where per-call overhead costs more than
-        # the arithmetic (benchmarks/serving.py): parameters are read from the lists' own dicts
-        # (indexing a ParameterList goes through getattr), a bank holding exactly its K templates
-        # is viewed rather than sliced, and each product is split into rows in one call.
-        coefficients, banks = self.coefficients._parameters, self.banks._parameters
-        pieces: dict[tuple[int, int], torch.Tensor] = {}
-        for b, rows in self._plan(slot_ids):
-            coeffs, bank, size = coefficients[str(b)], banks[str(self._source[b])], self._banks[b].size
-            k = coeffs.shape[1]
-            templates = bank.view(k, size) if bank.numel() == k * size and not self.pooled else self.templates(b)
-            # one matmul per bank for all the rows this request needs
-            made = coeffs.index_select(0, rows.to(coeffs.device)) @ templates
-            pieces.update(zip([(b, row) for row in rows.tolist()], made.unbind(0)))
-        return [self._assemble(slot, pieces) for slot in slot_ids]
-
-    def _assemble(self, slot: int, pieces: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
-        # Slabs that grow the same axis one after another are joined by one cat (the same values
-        # as one cat each), and a piece that is a single slab is viewed without slicing.
-        weight, axis, run = None, 1, []
-        for b, row in self._pieces[slot]:
-            bank, flat = self._banks[b], pieces[b, row]
-            if weight is None:
-                weight = flat.view(bank.in_shape)
-                continue
-            cut, numel = math.prod(bank.in_shape), flat.numel()
-            # extra input channels grow axis 1, then extra output channels grow axis 0
-            for dim, lo, hi, shape in ((1, 0, cut, bank.in_shape), (0, cut, numel, bank.out_shape)):
-                if hi == lo:
-                    continue
-                if dim != axis and run:
-                    weight, run = torch.cat([weight, *run], dim=axis), []
-                axis = dim
-                run.append((flat if hi - lo == numel else flat[lo:hi]).view(shape))
-        if run:
-            weight = torch.cat([weight, *run], dim=axis)
-        out, inp = self.slots[slot].shape[:2]
-        if weight.shape[0] != out or weight.shape[1] != inp:
-            weight = weight[:out, :inp]   # narrower than its width on one axis: lead channels
-        return weight
+        # One product per bank for every slot asked for at once, written into one buffer per group
+        # (npas_serve/generators/assembly.py): a call costs a few operations per bank, not per layer.
+        coefficients = self.coefficients._parameters     # indexing a ParameterList goes through getattr
+        return run_assembly(self._plan(tuple(slot_ids)), lambda b: coefficients[str(b)], self.templates)
 
 
 def pooled_windows(numel: int, size: int, max_templates: int = 8) -> torch.Tensor:
