@@ -1,24 +1,26 @@
-"""The three NPAS methods side by side: same families, budgets, epochs and seeds.
+"""The NPAS methods head to head, and against efficient-ensemble baselines at equal stored parameters.
 
-For each dataset (MNIST-1D with `mnist1d-resnet-tiny`, digits with
-`digits-cnn-tiny`), each budget (a fraction of the largest member's shared
-parameters) and each seed, every method trains through `run_training` (so
-searched groupings and coefficient unsharing run exactly as `npas-serve train`
-runs them) and is scored by `evaluate`: the members' final exits (mean over
-members) and the ensemble of all members (mean softmax), accuracy and NLL.
+Protocol (docs/methods.md#the-benchmark): MNIST-1D, the `mnist1d-resnet-bench` family (two
+blocks per stage, members of two depths), every run with the same recipe (AdamW 3e-3, weight
+decay 1e-2, cosine, batch 128, EPOCHS epochs, 10% of the training examples held out as a seeded
+validation split that fits the temperatures), SEEDS seeds. Shared-bank methods train through
+`run_training` and are scored by `evaluate` (so searches, unsharing, validation and temperature
+scaling run exactly as `npas-serve train` / `eval` run them); the baselines (`npas_serve.baselines`:
+deep ensemble, Packed-Ensembles, BatchEnsemble, 3 estimators) are sized to the stored parameters
+(bank + coefficients + norms and heads) of the shared-bank model at EQUAL_BUDGET and train with
+the same loop settings. Claims are paired per-seed differences with 95% t-intervals; a claim
+is made only when the interval excludes 0.
 
-"unshared" is an independent deep ensemble: the `unshared` grouping gives every
-layer its own SuperWeights bank of exactly its size (one template times a
-learned scalar, a reparametrised plain weight), with a budget of all members'
-sizes, so no parameter is shared; the members train in one loop on the same
-minibatches but their parameters never meet. It does not depend on the budget.
+SuperWeights needs one template per (group, width): below that budget (0.314 of the largest
+member here) it runs this project's pooled extension, labelled "pooled" in every table.
 
-    OMP_NUM_THREADS=1 python benchmarks/methods.py --jobs 2            # full: see docs/methods.md
-    python benchmarks/methods.py --quick --out /tmp/q                  # smoke run (the test suite's)
+    OMP_NUM_THREADS=1 python benchmarks/methods.py --jobs 2 --resume   # full run (about 3 h on 2 cores)
+    python benchmarks/methods.py --quick --out /tmp/q                   # smoke run (the test suite's)
+    python benchmarks/methods.py --report                               # tables from methods.jsonl
 
-Each finished run is appended to `--out`/methods.jsonl, so an interrupted run
-keeps its results and `--resume` skips them; at the end the summary
-(methods.json), a markdown table (methods.md) and a plot (methods.png) are written.
+Each finished run is appended to OUT/methods.jsonl, so an interrupted run keeps its results and
+`--resume` skips them; the plateau curve (the unshared ensemble's members, validation accuracy
+per epoch) goes to OUT/methods_curve.json. At the end: methods.json, methods.md, methods.png.
 """
 from __future__ import annotations
 
@@ -34,142 +36,375 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DATASETS = {"mnist1d": "mnist1d-resnet-tiny", "digits": "digits-cnn-tiny"}
-EPOCHS = {"mnist1d": 6, "digits": 10}
-SEARCH_EPOCHS = 1            # warm-up of the searched groupings (gradient, kmeans) at these short schedules
-BUDGETS = (0.05, 0.10, 0.25, 1.0)
-SEEDS = (0, 1, 2)
-SPREAD_SMALL, SPREAD_LARGE = 2.0, 500.0     # Neighborhood hash spread, in table entries
+FAMILY, DATA = "mnist1d-resnet-bench", "mnist1d"
+EPOCHS = 40
+SEEDS = (0, 1, 2, 3, 4)
+BUDGETS = (0.1, 0.25, 0.5)
+EQUAL_BUDGET = 0.25           # the baselines and single-budget methods sit at this budget's stored parameters
+VALIDATION = 0.1
+REFERENCE = "sw-gradient"     # the shared-bank model the baselines are sized to
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    generator: str
+    generator: str = ""                       # a shared-bank method's generator; "" for a baseline
     grouping: str = "shape"
     kwargs: dict[str, Any] = field(default_factory=dict)
-    budget_free: bool = False     # trained once per seed, not per budget
+    budgets: tuple[float, ...] | None = BUDGETS   # None: budget-free (unshared, baselines at EQUAL_BUDGET)
+    baseline: str = ""                        # a name in npas_serve.baselines.BASELINES
 
 
 METHODS = [
     Method("sw-gradient", "superweights", "gradient"),
     Method("sw-shape", "superweights", "shape"),
-    Method("sw-random", "superweights", "random"),
-    Method("ssn", "ssn", "kmeans", {"down": "wavg", "up": "inter"}),
-    *[Method(f"arbnet-dir-{a:g}", "arbnet", "shape", {"hash": "dirichlet", "alpha": a}) for a in (0.1, 1.0, 10.0)],
-    *[Method(f"arbnet-nbh-{s:g}", "arbnet", "shape", {"hash": "neighborhood", "spread": s})
-      for s in (0.0, SPREAD_SMALL, SPREAD_LARGE)],
-    Method("unshared", "superweights", "unshared", budget_free=True),
+    Method("ssn-kmeans", "ssn", "kmeans", {"down": "wavg", "up": "inter"}),
+    Method("ssn-shape", "ssn", "shape", {"down": "wavg", "up": "inter"}),
+    Method("sw-random", "superweights", "random", budgets=(EQUAL_BUDGET,)),
+    Method("arbnet-dir-0.1", "arbnet", kwargs={"hash": "dirichlet", "alpha": 0.1}, budgets=(EQUAL_BUDGET,)),
+    Method("arbnet-dir-10", "arbnet", kwargs={"hash": "dirichlet", "alpha": 10.0}, budgets=(EQUAL_BUDGET,)),
+    Method("arbnet-nbh-2", "arbnet", kwargs={"hash": "neighborhood", "spread": 2.0}, budgets=(EQUAL_BUDGET,)),
+    Method("arbnet-nbh-500", "arbnet", kwargs={"hash": "neighborhood", "spread": 500.0}, budgets=(EQUAL_BUDGET,)),
+    Method("unshared", "superweights", "unshared", budgets=None),
+    Method("deep-ensemble", budgets=None, baseline="deep-ensemble"),
+    Method("packed-ensembles", budgets=None, baseline="packed-ensembles"),
+    Method("batchensemble", budgets=None, baseline="batchensemble"),
 ]
 
+# (question, method a, method b, budget or None); each is answered per budget where both ran
+COMPARISONS = [
+    ("gradient vs shape grouping (SuperWeights)", "sw-gradient", "sw-shape"),
+    ("gradient vs random grouping (SuperWeights)", "sw-gradient", "sw-random"),
+    ("SuperWeights vs SSN, searched groups", "sw-gradient", "ssn-kmeans"),
+    ("SuperWeights vs SSN, shape groups", "sw-shape", "ssn-shape"),
+    ("k-means vs shape groups (SSN)", "ssn-kmeans", "ssn-shape"),
+    ("balanced vs unbalanced hashing (ArbNet, Dirichlet alpha 10 vs 0.1)", "arbnet-dir-10", "arbnet-dir-0.1"),
+    ("deterministic neighbourhood vs scattered hashing (ArbNet spread 2 vs 500)", "arbnet-nbh-2",
+     "arbnet-nbh-500"),
+    ("shared bank vs independent deep ensemble, equal stored parameters", "sw-gradient", "deep-ensemble"),
+    ("shared bank vs Packed-Ensembles, equal stored parameters", "sw-gradient", "packed-ensembles"),
+    ("shared bank vs BatchEnsemble, equal stored parameters", "sw-gradient", "batchensemble"),
+    ("shared bank vs the unshared ensemble (all members' parameters)", "sw-gradient", "unshared"),
+]
+HIGHER_IS_BETTER = {"ensemble_acc": True, "ensemble_nll": False, "ensemble_ece": False}
+
+
+# --- one run --------------------------------------------------------------------------------------------
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
-    """Train and score one (dataset, method, budget, seed); runs in a worker process."""
+    """Train and score one (method, budget, seed); runs in a worker process."""
     import torch
 
     torch.set_num_threads(1)
+    started = time.perf_counter()
+    scored = _run_baseline(job) if job["baseline"] else _run_family(job)
+    return {"label": job["label"], "budget": job["budget"], "seed": job["seed"], **scored,
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def _dataset(job: dict[str, Any]):
     from npas_serve.data import load_dataset
+
+    return load_dataset(job["data"], num_classes=10).with_channels(1)
+
+
+def _run_family(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
     from npas_serve.evaluate import evaluate
     from npas_serve.family import FamilySpec, build_family
     from npas_serve.train import TrainConfig, run_training
 
-    family_name = DATASETS[job["dataset"]]
     budget, budget_params = job["budget"], None
     if budget is None:     # unshared: a bank exactly the size of all members together
-        probe = build_family(FamilySpec(family=family_name, family_kwargs={"num_classes": 10, "in_channels": 1}))
+        probe = build_family(FamilySpec(family=FAMILY, family_kwargs={"num_classes": 10, "in_channels": 1}))
         budget_params = sum(probe.member_shared_numel())
-    spec = FamilySpec(family=family_name, generator=job["generator"], generator_kwargs=dict(job["kwargs"]),
+    spec = FamilySpec(family=FAMILY, generator=job["generator"], generator_kwargs=dict(job["kwargs"]),
                       budget=budget, budget_params=budget_params, grouping=job["grouping"], seed=job["seed"])
-    cfg = TrainConfig(epochs=job["epochs"], seed=job["seed"], search_epochs=job.get("search_epochs"))
-    started = time.perf_counter()
+    cfg = TrainConfig(epochs=job["epochs"], seed=job["seed"], search_epochs=job["search_epochs"],
+                      validation=VALIDATION)
     with tempfile.TemporaryDirectory() as tmp:
         family, manifest = run_training(spec, cfg, Path(tmp) / "run", data=job["data"], progress=False)
-    train_s = time.perf_counter() - started
-    from npas_serve.registry import meta
-
-    dataset = load_dataset(job["data"], num_classes=10).with_channels(meta("family", family_name)["input_ndim"])
-    report = evaluate(family, manifest, dataset)
+        losses = json.loads((Path(tmp) / "run" / "train_state.json").read_text())["losses"]
+    # per member and unit exit weight, comparable with a baseline's per-estimator loss
+    losses = [loss / (len(family.names) * sum(cfg.exit_weights_for(family.num_exits))) for loss in losses]
+    report = evaluate(family, manifest, _dataset(job))
     last = max(e.exit for e in report.exits)
     finals = [e for e in report.exits if e.exit == last]
     full = report.ensembles[-1]
-    p = report.params
-    return {**{k: job[k] for k in ("dataset", "label", "seed")}, "budget": job["budget"],
-            "member_acc": statistics.mean(e.accuracy for e in finals),
-            "member_nll": statistics.mean(e.nll for e in finals),
-            "best_member_acc": max(e.accuracy for e in finals),
+    x = torch.randn(32, 1, 40)
+    with torch.inference_mode():
+        latency = {f"latency_b{b}_ms": _latency_ms(lambda: family(x[:b])) for b in (1, 32)}
+    search = manifest.search or {}
+    return {"member_acc": statistics.mean(e.accuracy for e in finals), "min_member_acc": min(e.accuracy for e in finals),
             "ensemble_acc": full.accuracy, "ensemble_nll": full.nll, "ensemble_ece": full.ece,
-            "bank": p.bank, "coefficients": p.coefficients, "private": sum(p.private.values()),
-            "unshared_total": p.unshared_total, "groups": len(set(manifest.spec.groups)),
-            "diagnostics": report.diagnostics, "train_s": round(train_s, 1)}
+            "ensemble_nll_before": full.nll_before, "ensemble_ece_before": full.ece_before,
+            "temperature": full.temperature, "stored_params": report.params.resident, "bank": report.params.bank,
+            "pooled": bool(report.diagnostics.get("pooled", False)), "groups": len(set(manifest.spec.groups)),
+            "final_losses": losses[-3:], "search": _search_summary(search), **latency}
 
 
-def jobs_for(datasets, budgets, seeds, epochs: dict[str, int], data: dict[str, str],
-             search_epochs: int | None) -> list[dict[str, Any]]:
+def _search_summary(search: dict[str, Any]) -> dict[str, Any]:
+    """The search's figures worth a table: cosines, merges, K per bank, ARI."""
+    out = {}
+    if "lead_cosines" in search:
+        out.update(lead_cos_mean_abs=search["lead_cosines"]["mean_abs"], merges=len(search["merges"]),
+                   threshold=search["threshold"], joins_by_gradient=sum(1 for j in search["joins"]
+                                                                        if j[2] != "position"),
+                   templates_per_bank=search["templates_per_bank"])
+    if "unshare" in search:
+        out.update(rows_before=search["unshare"]["rows_before"], rows_after=search["unshare"]["rows_after"],
+                   banks_skipped_one_template=len(search["unshare"]["banks_skipped_one_template"]))
+    if "ari_against_initial_embeddings" in search:
+        out.update(ari=search["ari_against_initial_embeddings"],
+                   embedding_cos_to_initial=search["embedding_cosine_to_initial"]["mean"])
+    return out
+
+
+def _run_baseline(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from npas_serve.baselines import parameter_count, sized
+    from npas_serve.data import ValidationSplit
+    from npas_serve.ensemble import calibrate, combine, fit_temperature
+    from npas_serve.evaluate import scores
+    from npas_serve.train import TrainConfig
+    from npas_serve.train.loop import batches, lr_factor
+
+    dataset = _dataset(job)
+    split = ValidationSplit.of_data(dataset, VALIDATION, job["seed"])
+    train, xv, yv = split.apply(dataset)
+    norm = train.normalisation()
+    x, y = torch.from_numpy(norm.apply(train.x_train)), torch.from_numpy(train.y_train)
+    cfg = TrainConfig(epochs=job["epochs"], seed=job["seed"])
+    model = sized(job["baseline"], job["params"], seed=job["seed"])
+    decay = [p for p in model.parameters() if p.ndim > 1]          # as make_optimizer: no decay on 1-D
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    steps = len(batches(len(x), cfg.batch_size, cfg.seed, 0))
+    losses = []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(cfg.seed)
+        model.train()
+        for epoch in range(cfg.epochs):
+            running = []
+            for i, idx in enumerate(batches(len(x), cfg.batch_size, cfg.seed, epoch)):
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(cfg, epoch * steps + i, cfg.epochs * steps)
+                logits = model(x[idx])                   # (estimators, B, classes)
+                loss = sum(torch.nn.functional.cross_entropy(z, y[idx]) for z in logits)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running.append(loss.item())
+            losses.append(statistics.mean(running) / len(logits))      # per estimator
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    model.eval()
+    with torch.inference_mode():
+        def probs(inputs):
+            return model(torch.from_numpy(norm.apply(inputs))).softmax(-1)
+
+        held, test = probs(xv), probs(dataset.x_test)
+        yt, yv = torch.from_numpy(dataset.y_test), torch.from_numpy(yv)
+        t = fit_temperature(combine(list(held)).probabilities, yv)
+        before = scores(combine(list(test)).probabilities, yt)
+        after = scores(calibrate(combine(list(test)).probabilities, t), yt)
+        members = [scores(p, yt).accuracy for p in test]
+        xb = torch.randn(32, 1, 40)
+        latency = {f"latency_b{b}_ms": _latency_ms(lambda: model(xb[:b])) for b in (1, 32)}
+    return {"member_acc": statistics.mean(members), "min_member_acc": min(members),
+            "ensemble_acc": after.accuracy, "ensemble_nll": after.nll, "ensemble_ece": after.ece,
+            "ensemble_nll_before": before.nll, "ensemble_ece_before": before.ece, "temperature": t,
+            "stored_params": parameter_count(model), "bank": parameter_count(model), "pooled": False,
+            "groups": 0, "final_losses": losses[-3:], "search": {}, **latency}
+
+
+def _latency_ms(fn, repeats: int = 15) -> float:
+    """Median milliseconds of one call, after three warm-up calls (one thread)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - start))
+    return round(statistics.median(times), 3)
+
+
+def reference_params(budget: float) -> int:
+    """Stored parameters of the shared-bank family at `budget` (bank, coefficients, norms, heads),
+    as built with shape groups: what the baselines are sized to."""
+    from npas_serve.evaluate import param_count
+    from npas_serve.family import FamilySpec, build_family
+
+    family = build_family(FamilySpec(family=FAMILY, family_kwargs={"num_classes": 10, "in_channels": 1},
+                                     budget=budget))
+    return param_count(family).resident
+
+
+def jobs_for(seeds, budgets, epochs: int, data: str, search_epochs: int | None) -> list[dict[str, Any]]:
     """Seed-major order: a cut-short run still has every method at the first seeds."""
+    params = reference_params(EQUAL_BUDGET if EQUAL_BUDGET in budgets else budgets[0])
     jobs = []
     for seed in seeds:
-        for dataset in datasets:
-            for m in METHODS:
-                for budget in ([None] if m.budget_free else budgets):
-                    jobs.append({"dataset": dataset, "data": data[dataset], "label": m.name, "generator": m.generator,
-                                 "grouping": m.grouping, "kwargs": m.kwargs, "budget": budget, "seed": seed,
-                                 "epochs": epochs[dataset], "search_epochs": search_epochs})
+        for m in METHODS:
+            cells = [None] if m.budgets is None else [b for b in m.budgets if b in budgets] or [budgets[0]]
+            for budget in cells:
+                jobs.append({"label": m.name, "generator": m.generator, "grouping": m.grouping, "kwargs": m.kwargs,
+                             "baseline": m.baseline, "params": params, "budget": budget, "seed": seed,
+                             "epochs": epochs, "search_epochs": search_epochs, "data": data})
     return jobs
 
 
 def key(r: dict[str, Any]) -> tuple:
-    return (r["dataset"], r["label"], r["budget"], r["seed"])
+    return (r["label"], r["budget"], r["seed"])
 
 
-# --- summary -------------------------------------------------------------------------------------------
+# --- the plateau curve ------------------------------------------------------------------------------------
 
-METRICS = ("member_acc", "member_nll", "ensemble_acc", "ensemble_nll")
+def curve(epochs: int, data: str, seed: int = 0) -> dict[str, Any]:
+    """Validation accuracy of every member of the unshared ensemble after each epoch of the recipe's
+    schedule: where it flattens is where the protocol's epochs should end."""
+    import torch
+
+    from npas_serve.data import ValidationSplit
+    from npas_serve.evaluate import exit_probs
+    from npas_serve.family import FamilySpec, build_family
+    from npas_serve.train import TrainConfig
+    from npas_serve.train.loop import make_optimizer, train_epochs
+
+    torch.set_num_threads(1)
+    dataset = _dataset({"data": data})
+    train, xv, yv = ValidationSplit.of_data(dataset, VALIDATION, seed).apply(dataset)
+    norm = train.normalisation()
+    x, y = torch.from_numpy(norm.apply(train.x_train)), torch.from_numpy(train.y_train)
+    xv, yv = torch.from_numpy(norm.apply(xv)), torch.from_numpy(yv)
+    probe = build_family(FamilySpec(family=FAMILY, family_kwargs={"num_classes": 10, "in_channels": 1}))
+    family = build_family(FamilySpec(family=FAMILY, family_kwargs={"num_classes": 10, "in_channels": 1},
+                                     grouping="unshared", budget_params=sum(probe.member_shared_numel()), seed=seed))
+    cfg = TrainConfig(epochs=epochs, seed=seed)
+    opt = make_optimizer(family, cfg)
+    torch.manual_seed(seed)
+    points = []
+    for epoch in range(epochs):
+        loss = train_epochs(family, family, opt, x, y, cfg, epoch, progress=False, end_epoch=epoch + 1)[0]
+        probs = exit_probs(family, xv)[:, -1]
+        points.append({"epoch": epoch + 1, "train_loss": loss,
+                       "val_acc": {n: float((probs[m].argmax(-1) == yv).float().mean())
+                                   for m, n in enumerate(family.names)}})
+    return {"seed": seed, "epochs": epochs, "family": FAMILY, "grouping": "unshared", "points": points}
+
+
+# --- summary ----------------------------------------------------------------------------------------------
+
+METRICS = ("member_acc", "min_member_acc", "ensemble_acc", "ensemble_nll", "ensemble_ece", "ensemble_ece_before",
+           "latency_b1_ms", "latency_b32_ms")
 
 
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and std over seeds of every (dataset, method, budget)."""
+    """Mean and standard deviation over seeds of every (method, budget)."""
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
-        cells.setdefault((r["dataset"], r["label"], r["budget"]), []).append(r)
-    rows = []
+        cells.setdefault((r["label"], r["budget"]), []).append(r)
     order = {m.name: i for i, m in enumerate(METHODS)}
-    for (dataset, label, budget), rs in sorted(cells.items(), key=lambda kv: (
-            kv[0][0], math.inf if kv[0][2] is None else kv[0][2], order.get(kv[0][1], 99))):
-        row = {"dataset": dataset, "method": label, "budget": budget, "seeds": len(rs),
-               "bank": round(statistics.mean(r["bank"] for r in rs)),
-               "resident": round(statistics.mean(r["bank"] + r["coefficients"] + r["private"] for r in rs)),
-               "unshared_total": rs[0]["unshared_total"],
-               "groups": statistics.mean(r["groups"] for r in rs),
-               "train_s": statistics.mean(r["train_s"] for r in rs)}
+    rows = []
+    for (label, budget), rs in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1] or 0)):
+        row = {"method": label, "budget": budget, "seeds": len(rs), "pooled": any(r["pooled"] for r in rs),
+               "stored_params": round(statistics.mean(r["stored_params"] for r in rs)),
+               "final_loss": statistics.mean(r["final_losses"][-1] for r in rs)}
         for metric in METRICS:
-            values = [r[metric] for r in rs]
-            row[metric] = statistics.mean(values)
+            values = [r[metric] for r in rs if r.get(metric) is not None]
+            row[metric] = statistics.mean(values) if values else None
             row[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        diags = [r["diagnostics"] for r in rs if r["diagnostics"]]
-        if diags:
-            row["diagnostics"] = {k: statistics.mean(d[k] for d in diags) for k in diags[0]}
+        searches = [r["search"] for r in rs if r["search"]]
+        numbers = [k for k, v in (searches[0].items() if searches else []) if isinstance(v, (int, float))]
+        row["search"] = {k: statistics.mean(s[k] for s in searches) for k in numbers}
         rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = []
-    for dataset in sorted({r["dataset"] for r in rows}):
-        lines += [f"### {dataset} ({DATASETS[dataset]})", "",
-                  "| budget | method | bank params | all params | member acc % | member NLL | ensemble acc % "
-                  "| ensemble NLL | seeds | extra |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in (r for r in rows if r["dataset"] == dataset):
-            budget = "all members" if r["budget"] is None else f"{100 * r['budget']:g}%"
-            d = r.get("diagnostics", {})
-            extra = (f"load entropy {d['bucket_balance']:.3f} of max" if "bucket_balance" in d
-                     else f"{r['groups']:.1f} groups" if r["method"].startswith(("sw", "ssn")) else "")
-            lines.append(
-                f"| {budget} | {r['method']} | {r['bank']:,} | {r['resident']:,} | {100 * r['member_acc']:.1f} ± "
-                f"{100 * r['member_acc_std']:.1f} | {r['member_nll']:.3f} ± {r['member_nll_std']:.3f} | "
-                f"{100 * r['ensemble_acc']:.1f} ± {100 * r['ensemble_acc_std']:.1f} | "
-                f"{r['ensemble_nll']:.3f} ± {r['ensemble_nll_std']:.3f} | {r['seeds']} | {extra} |")
-        lines.append("")
-    return "\n".join(lines)
+def paired(results: list[dict[str, Any]], a: str, b: str, budget_a, budget_b, metric: str) -> dict[str, Any] | None:
+    """Mean of the per-seed differences a - b with its 95% t-interval, over the seeds both ran."""
+    from scipy import stats
+
+    va = {r["seed"]: r[metric] for r in results if r["label"] == a and r["budget"] == budget_a}
+    vb = {r["seed"]: r[metric] for r in results if r["label"] == b and r["budget"] == budget_b}
+    seeds = sorted(set(va) & set(vb))
+    if not seeds:
+        return None
+    diffs = [va[s] - vb[s] for s in seeds]
+    mean = statistics.mean(diffs)
+    half = (stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            if len(diffs) > 1 else math.inf)
+    if abs(mean) <= half or not math.isfinite(half):
+        verdict = "no claim (interval includes 0)" if math.isfinite(half) else "no claim (one seed)"
+    else:
+        better = (mean > 0) == HIGHER_IS_BETTER[metric]
+        verdict = f"{a if better else b} better"
+    return {"metric": metric, "seeds": len(seeds), "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half,
+            "verdict": verdict}
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    budgets = {m.name: m.budgets for m in METHODS}
+    ran = {(r["label"], r["budget"]) for r in results}
+    out = []
+    for question, a, b in COMPARISONS:
+        for budget in sorted({r["budget"] for r in results if r["label"] == a and r["budget"] is not None}
+                             or {None}, key=lambda v: v or 0):
+            budget_b = budget if budgets[b] is not None else None
+            if (a, budget) not in ran or (b, budget_b) not in ran:
+                continue
+            if budgets[b] is None and b != "unshared" and budget != EQUAL_BUDGET:
+                continue     # the baselines are sized to EQUAL_BUDGET's stored parameters only
+            for metric in HIGHER_IS_BETTER:
+                found = paired(results, a, b, budget, budget_b, metric)
+                if found:
+                    out.append({"question": question, "a": a, "b": b, "budget": budget, **found})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], compared: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    def budget_text(r):
+        if r["budget"] is None:
+            return "all members" if r["method"] == "unshared" else f"= {100 * EQUAL_BUDGET:g}% stored"
+        return f"{100 * r['budget']:g}%" + (" (pooled)" if r["pooled"] else "")
+
+    pm = lambda v, s, scale=100, fmt=".1f": f"{scale * v:{fmt}} ± {scale * s:{fmt}}"   # noqa: E731
+    lines = [f"Command: `{meta['command']}`; epochs {meta['epochs']}, seeds {meta['seeds']}, "
+             f"runs {meta['runs']}.", "",
+             "| method | budget | stored params | member acc % | worst member % | ensemble acc % | ensemble NLL | "
+             "ECE (before T) | final train loss per member | seeds | search |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        s = r["search"]
+        search = ", ".join(f"{k} {v:.3g}" for k, v in s.items() if k in (
+            "lead_cos_mean_abs", "merges", "joins_by_gradient", "rows_after", "ari", "embedding_cos_to_initial"))
+        lines.append(f"| {r['method']} | {budget_text(r)} | {r['stored_params']:,} | "
+                     f"{pm(r['member_acc'], r['member_acc_std'])} | {100 * r['min_member_acc']:.1f} | "
+                     f"{pm(r['ensemble_acc'], r['ensemble_acc_std'])} | "
+                     f"{pm(r['ensemble_nll'], r['ensemble_nll_std'], 1, '.3f')} | "
+                     f"{r['ensemble_ece']:.3f} ({r['ensemble_ece_before']:.3f}) | {r['final_loss']:.3f} | "
+                     f"{r['seeds']} | {search} |")
+    lines += ["", "Latency of the whole ensemble (all members, one thread, forward only; a shared bank "
+              "generates its weights inside the forward):", "",
+              "| method | budget | batch 1 ms | batch 32 ms |", "|---|---|---:|---:|"]
+    for r in rows:
+        if r["budget"] in (None, EQUAL_BUDGET):
+            lines.append(f"| {r['method']} | {budget_text(r)} | {r['latency_b1_ms']:.2f} | {r['latency_b32_ms']:.2f} |")
+    lines += ["", "Paired per-seed differences (a - b), mean and 95% t-interval:", "",
+              "| question | budget | metric | a - b | 95% interval | seeds | verdict |", "|---|---|---|---:|---|---:|---|"]
+    for c in compared:
+        scale = 100 if c["metric"] == "ensemble_acc" else 1
+        unit = " pts" if scale == 100 else ""
+        budget = "-" if c["budget"] is None else f"{100 * c['budget']:g}%"
+        lines.append(f"| {c['question']} | {budget} | {c['metric']} | {scale * c['mean_diff']:+.3f}{unit} | "
+                     f"[{scale * c['ci_low']:+.3f}, {scale * c['ci_high']:+.3f}] | {c['seeds']} | {c['verdict']} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -178,23 +413,19 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        mine = [r for r in rows if r["dataset"] == dataset]
-        for m in METHODS:
-            pts = sorted((r["budget"], r["ensemble_nll"], r["ensemble_nll_std"]) for r in mine
-                         if r["method"] == m.name and r["budget"] is not None)
-            if pts:
-                ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
-                            marker="o", ms=3, capsize=2, label=m.name,
-                            ls="-" if m.generator == "superweights" else "--" if m.generator == "ssn" else ":")
-            free = [r for r in mine if r["method"] == m.name and r["budget"] is None]
-            if free:
-                ax.axhline(free[0]["ensemble_nll"], color="k", lw=1, label=f"{m.name} (all members' size)")
-        ax.set(xscale="log", yscale="log", xlabel="budget (% of the largest member's shared params)",
-               ylabel="ensemble test NLL (mean over seeds)", title=f"{dataset} ({DATASETS[dataset]})")
-        ax.legend(fontsize=6, ncol=2)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in METHODS:
+        pts = sorted((r["budget"], r["ensemble_nll"], r["ensemble_nll_std"]) for r in rows
+                     if r["method"] == m.name and r["budget"] is not None)
+        if pts:
+            ax.errorbar([100 * p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], marker="o", ms=3,
+                        capsize=2, label=m.name, ls="-" if m.generator == "superweights" else "--")
+        for r in rows:
+            if r["method"] == m.name and r["budget"] is None:
+                ax.axhline(r["ensemble_nll"], lw=1, ls=":", color=f"C{len(ax.lines) % 10}", label=m.name)
+    ax.set(xscale="log", xlabel="budget (% of the largest member's shared parameters)",
+           ylabel="ensemble test NLL (calibrated), mean over seeds", title=f"{DATA} ({FAMILY})")
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -202,37 +433,43 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
     rows = summarise(results)
-    (out / "methods.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": results}, indent=1))
-    (out / "methods.md").write_text(markdown(rows))
+    compared = comparisons(results)
+    curve_path = out / "methods_curve.json"
+    meta = {**meta, "runs": len(results), "run_wall_s_total": round(sum(r["wall_s"] for r in results), 1)}
+    payload = {"meta": meta, "summary": rows, "comparisons": compared, "runs": results,
+               "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None}
+    (out / "methods.json").write_text(json.dumps(payload, indent=1))
+    (out / "methods.md").write_text(markdown(rows, compared, meta))
     plot(rows, out / "methods.png")
     return rows
 
 
 # --- driver -------------------------------------------------------------------------------------------
 
-def quick_data(tmp: Path) -> dict[str, str]:
-    """Small subsets (600 train / 300 test) written as .npz, so a smoke run takes seconds per method."""
+def quick_data(tmp: Path) -> str:
+    """A small subset (400 train / 200 test) written as .npz, so a smoke run takes seconds per method."""
     import numpy as np
 
     from npas_serve.data import load_dataset
 
-    paths = {}
-    for name in DATASETS:
-        d = load_dataset(name)
-        path = tmp / f"{name}-quick.npz"
-        np.savez(path, x=d.x_train[:600], y=d.y_train[:600], x_test=d.x_test[:300], y_test=d.y_test[:300])
-        paths[name] = str(path)
-    return paths
+    d = load_dataset(DATA)
+    path = tmp / f"{DATA}-quick.npz"
+    np.savez(path, x=d.x_train[:400], y=d.y_train[:400], x_test=d.x_test[:200], y_test=d.y_test[:200])
+    return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: data subsets, 1 epoch, budget 25%%, one seed")
+                        help="smoke run: a data subset, 1 epoch, budget 25%%, one seed, a 1-epoch curve")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (one thread each)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--budgets", type=float, nargs="+", default=None)
+    parser.add_argument("--methods", nargs="+", default=None, choices=[m.name for m in METHODS])
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {EPOCHS} (quick: 1)")
+    parser.add_argument("--no-curve", action="store_true", help="skip the plateau curve")
+    parser.add_argument("--curve-only", action="store_true", help="only the plateau curve")
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/methods.jsonl")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: rewrite methods.json/.md/.png from the runs in OUT/methods.jsonl")
@@ -240,26 +477,31 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "methods.jsonl"
+    command = " ".join(["python", "benchmarks/methods.py", *(sys.argv[1:] if argv is None else argv)])
+    epochs = args.epochs or (1 if args.quick else EPOCHS)
+    seeds = tuple(args.seeds or ((0,) if args.quick else SEEDS))
+    budgets = tuple(args.budgets or ((EQUAL_BUDGET,) if args.quick else BUDGETS))
+    meta = {"command": command, "family": FAMILY, "data": DATA, "epochs": epochs, "seeds": list(seeds),
+            "budgets": list(budgets), "equal_budget": EQUAL_BUDGET, "validation": VALIDATION, "jobs": args.jobs,
+            "quick": args.quick}
     if args.report:
-        results = [json.loads(line) for line in log.read_text().splitlines()]
-        write_outputs(results, args.out, {"command": "python benchmarks/methods.py " + " ".join(argv or sys.argv[1:]),
-                                          "epochs": EPOCHS, "search_epochs": SEARCH_EPOCHS, "runs": len(results),
-                                          "spread_small": SPREAD_SMALL, "spread_large": SPREAD_LARGE})
+        write_outputs([json.loads(line) for line in log.read_text().splitlines()], args.out, meta)
         return 0
+    started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        if args.quick:
-            data = quick_data(Path(tmp))
-            epochs, budgets, seeds, search = {d: 1 for d in DATASETS}, (0.25,), args.seeds or (0,), 1
-        else:
-            data, epochs, budgets, seeds, search = (dict(zip(DATASETS, DATASETS)), EPOCHS, BUDGETS,
-                                                   args.seeds or SEEDS, SEARCH_EPOCHS)
-        jobs = jobs_for(args.datasets, budgets, seeds, epochs, data, search)
+        data = quick_data(Path(tmp)) if args.quick else DATA
+        if not args.no_curve and not (args.resume and (args.out / "methods_curve.json").exists()):
+            (args.out / "methods_curve.json").write_text(json.dumps(curve(epochs, data), indent=1))
+        if args.curve_only:
+            return 0
+        jobs = jobs_for(seeds, budgets, epochs, data, 1 if args.quick else None)
+        if args.methods:
+            jobs = [j for j in jobs if j["label"] in args.methods]
         done = [json.loads(line) for line in log.read_text().splitlines()] if args.resume and log.exists() else []
         if not args.resume:
             log.write_text("")
         seen = {key(r) for r in done}
         todo = [j for j in jobs if key(j) not in seen]
-        started = time.time()
         print(f"{len(todo)} runs ({len(jobs) - len(todo)} already done), {args.jobs} worker(s)", file=sys.stderr)
         results = list(done)
         if args.jobs > 1:
@@ -268,15 +510,12 @@ def main(argv: list[str] | None = None) -> int:
             with mp.get_context("spawn").Pool(args.jobs) as pool:
                 for r in pool.imap_unordered(run_one, todo):
                     results.append(r)
-                    _log(log, r, len(results), len(jobs), started)
+                    _log(log, r, len(results), len(done) + len(todo), started)
         else:
             for job in todo:
                 results.append(run_one(job))
-                _log(log, results[-1], len(results), len(jobs), started)
-        meta = {"command": " ".join(["python", "benchmarks/methods.py", *(argv or sys.argv[1:])]),
-                "epochs": epochs, "search_epochs": search, "budgets": list(budgets), "seeds": list(seeds), "jobs": args.jobs,
-                "families": DATASETS, "wall_s_this_invocation": round(time.time() - started, 1),
-                "spread_small": SPREAD_SMALL, "spread_large": SPREAD_LARGE}
+                _log(log, results[-1], len(results), len(done) + len(todo), started)
+        meta["wall_s_this_invocation"] = round(time.time() - started, 1)
         write_outputs(results, args.out, meta)
     print(f"wrote {args.out}/methods.json, methods.md, methods.png in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
@@ -285,9 +524,9 @@ def main(argv: list[str] | None = None) -> int:
 def _log(log: Path, r: dict[str, Any], n: int, total: int, started: float) -> None:
     with open(log, "a") as f:
         f.write(json.dumps(r) + "\n")
-    print(f"[{n}/{total} {time.time() - started:5.0f}s] {r['dataset']} {r['label']} budget={r['budget']} "
-          f"seed={r['seed']}: ensemble acc {100 * r['ensemble_acc']:.1f}% nll {r['ensemble_nll']:.3f} "
-          f"({r['train_s']:.0f} s)", file=sys.stderr, flush=True)
+    print(f"[{n}/{total} {time.time() - started:5.0f}s] {r['label']} budget={r['budget']} seed={r['seed']}: "
+          f"ensemble acc {100 * r['ensemble_acc']:.1f}% nll {r['ensemble_nll']:.3f} ({r['wall_s']:.0f} s)",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

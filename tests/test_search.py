@@ -86,6 +86,10 @@ def test_merge_lowers_the_threshold_until_the_groups_fit():
     one_bank = 8 * 8 * 3
     assert len(set(match_layers(slots, bins, grads, 0, budget=2 * one_bank).groups)) == 2
     assert len(set(match_layers(slots, bins, grads, 0, budget=one_bank).groups)) == 1   # down to the bin
+    # below even the bins' one template each, SuperWeights pools: the threshold stays where it started
+    below = match_layers(slots, bins, grads, 0, budget=one_bank - 1)
+    assert len(set(below.groups)) == 2 and below.diagnostics["threshold"] == 0.1
+    assert below.diagnostics["below_one_template_per_bin"]
 
 
 def test_coefficient_classes_share_rows_and_splitting_keeps_the_function():

@@ -83,3 +83,15 @@ def mnist1d_resnet_tiny(num_classes: int = 10, in_channels: int = 1) -> BuiltMem
         "mid": ((16, 32, 64), (1, 1, 1)),
         "narrow": ((8, 16, 32), (1, 1, 1)),
     }, num_classes, in_channels)
+
+
+@register_family("mnist1d-resnet-bench", data="mnist1d", budget=0.25, epochs=40, input_ndim=1)
+def mnist1d_resnet_bench(num_classes: int = 10, in_channels: int = 1) -> BuiltMembers:
+    """The methods benchmark's family (benchmarks/methods.py): two blocks per stage, so a bin holds
+    several layers of one member for the gradient search to choose among, and members of two
+    depths (2 and 3 blocks per stage), so some join by position and one by gradient."""
+    return _build({
+        "wide": ((16, 32, 64), (2, 2, 2)),
+        "mid": ((12, 24, 48), (2, 2, 2)),
+        "deep": ((12, 24, 48), (3, 3, 3)),
+    }, num_classes, in_channels)

@@ -21,7 +21,9 @@ should not share.
    layer takes the group and row of its most similar largest-member layer in the
    bin); later members of that depth join it by position. While one template per
    (group, width) needs more than the budget, the threshold drops by 0.05 and the
-   merge is redone (at worst: the bins).
+   merge is redone (at worst: the bins). Below the budget at which even the bins
+   need more, SuperWeights runs pooled (`generators/superweights.py`) and the
+   threshold stays at its start: lowering it could not make the groups fit.
 4. The warm-up weights are discarded; training starts from scratch with these
    groups and coefficient classes.
 5. `unshare.unshare_coefficients`, a few epochs in, per bank.
@@ -119,6 +121,7 @@ def match_layers(slots: Sequence[Slot], bins: Sequence[int], grads: Sequence[tor
     cos = {(i, j): cropped_cosine(grads[i], grads[j]) for n, i in enumerate(lead) for j in lead[n + 1:]
            if bins[i] == bins[j]}
     partner, how = _partners(slots, bins, grads, own, largest)
+    pooled = sum(bank.size for bank in bank_layout(slots, bins)[0]) > budget
     threshold = start
     while True:
         clusters, merges = _merge(lead, cos, threshold)
@@ -129,7 +132,7 @@ def match_layers(slots: Sequence[Slot], bins: Sequence[int], grads: Sequence[tor
             keys.append(("bin", bins[i]) if head is None else ("lead", root[head]))
             ids.append(("own", i) if head is None else ("lead", head))
         groups = renumber(keys)
-        if sum(bank.size for bank in bank_layout(slots, groups)[0]) <= budget or threshold < -1:
+        if pooled or sum(bank.size for bank in bank_layout(slots, groups)[0]) <= budget or threshold < -1:
             break
         threshold -= step
     name = [f"{s.member}:{s.name}" for s in slots]
@@ -140,7 +143,7 @@ def match_layers(slots: Sequence[Slot], bins: Sequence[int], grads: Sequence[tor
                          "mean_abs": sum(abs(v) for v in values) / max(len(values), 1)},
         "merges": [[name[i], name[j], round(c, 4)] for c, i, j in merges],
         "joins": [[name[i], name[partner[i]], how[i]] for i in sorted(partner) if partner[i] is not None],
-        "groups": len(set(groups)), "bins": len(set(bins)),
+        "groups": len(set(groups)), "bins": len(set(bins)), "below_one_template_per_bin": pooled,
     }
     return Match(groups, renumber(ids), diagnostics)
 
