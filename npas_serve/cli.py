@@ -282,8 +282,10 @@ def _add_serve(sub) -> None:
                                    "in-flight requests, then exits.")
     p.add_argument("model", type=Path, help="checkpoint directory or .mar file")
     p.add_argument("--host", type=_host, default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--grpc-port", type=_port, default=7070)
-    p.add_argument("--metrics-port", type=_port, default=8082)
+    p.add_argument("--grpc-port", type=_any_port, default=7070, help="0: any free port")
+    p.add_argument("--metrics-port", type=_any_port, default=8082, help="0: any free port")
+    p.add_argument("--http-port", type=_any_port, default=None,
+                   help="also serve the KServe v2 REST endpoints on this port (v2 gRPC is always on --grpc-port)")
     p.add_argument("--version", default="1")
     _add_engine_flags(p)
     p.set_defaults(run=_serve)
@@ -301,7 +303,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = _engine_config(args)
         config.model_version = args.version
         engine = Engine.load(model, config)
-        serve(engine, args.host, args.grpc_port, args.metrics_port, args.name, args.version)
+        serve(engine, args.host, args.grpc_port, args.metrics_port, args.name, args.version,
+              http_port=args.http_port)
     return 0
 
 
@@ -337,6 +340,11 @@ def _port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port, 1..65535, got {value}")
     return value
+
+
+def _any_port(text: str) -> int:
+    """A port, or 0 for any free one."""
+    return 0 if text.strip() == "0" else _port(text)
 
 
 def _torchserve(args: argparse.Namespace) -> int:

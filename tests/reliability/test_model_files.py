@@ -150,7 +150,51 @@ def pickled_mar(ckpt: Path, marker: Path) -> str:
     return "pickle"
 
 
+def _edit(ckpt: Path, change) -> None:
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    change(manifest)
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+
+
+def classes_2e6(ckpt: Path, marker: Path) -> str:
+    """Heads for 2 million classes: 2.9 GB allocated before the refusal, once."""
+    _edit(ckpt, lambda m: (m.update(num_classes=2_000_000), m["spec"]["family_kwargs"].update(num_classes=2_000_000)))
+    return "num_classes"
+
+
+def classes_1e9(ckpt: Path, marker: Path) -> str:
+    _edit(ckpt, lambda m: (m.update(num_classes=10**9), m["spec"]["family_kwargs"].update(num_classes=10**9)))
+    return "num_classes"
+
+
+def negative_shape(ckpt: Path, marker: Path) -> str:
+    _edit(ckpt, lambda m: m.update(input_shape=[1, -40]))
+    return "input_shape"
+
+
+def malformed_report(ckpt: Path, marker: Path) -> str:
+    _edit(ckpt, lambda m: m.update(report={"exits": "all good"}))
+    return "report"
+
+
+def zero_std(ckpt: Path, marker: Path) -> str:
+    """std 0 was served, and answers held non-standard JSON NaN."""
+    _edit(ckpt, lambda m: m["normalisation"].update(std=0.0))
+    return "normalisation"
+
+
+def zip_bomb(ckpt: Path, marker: Path) -> str:
+    """A .mar whose tensor file inflates a thousandfold (the real one wrote 3.3 GB before refusing)."""
+    with zipfile.ZipFile(ckpt / "bomb.mar", "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(TENSORS, bytes(64 * 2**20))
+        zf.write(ckpt / MANIFEST, MANIFEST)
+        zf.writestr("npas_config.json", "{}")
+    return "zip bomb"
+
+
 @pytest.mark.parametrize("command, spoil, target", [
+    ("archive", classes_2e6, "."), ("serve", classes_1e9, "."), ("serve", negative_shape, "."),
+    ("archive", malformed_report, "."), ("serve", zero_std, "."), ("serve", zip_bomb, "bomb.mar"),
     ("archive", tamper, "."), ("serve", tamper, "."),
     ("archive", other_family, "."), ("serve", other_family, "."),
     ("archive", pickled_tensors, "."), ("serve", pickled_tensors, "."),
