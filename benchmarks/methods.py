@@ -246,6 +246,21 @@ def reference_params(budget: float) -> int:
     return param_count(family).resident
 
 
+def family_facts() -> dict[str, Any]:
+    """The benchmark family's sizes, for the page that reports the benchmark."""
+    from npas_serve.family import FamilySpec, build_family
+    from npas_serve.generators.superweights import bank_layout
+
+    family = build_family(FamilySpec(family=FAMILY, family_kwargs={"num_classes": 10, "in_channels": 1}))
+    shared = family.member_shared_numel()
+    return {"members": {n: {"shared_params": p, "shared_layers": sum(1 for s in family.slots if s.member == m)}
+                        for m, (n, p) in enumerate(zip(family.names, shared))},
+            "all_members_shared_params": sum(shared),
+            "one_template_per_group_width": sum(b.size for b in bank_layout(family.slots, family.generator.groups)[0])
+            / max(shared),
+            "stored_params_at_budget": {str(b): reference_params(b) for b in BUDGETS}}
+
+
 def jobs_for(seeds, budgets, epochs: int, data: str, search_epochs: int | None) -> list[dict[str, Any]]:
     """Seed-major order: a cut-short run still has every method at the first seeds."""
     params = reference_params(EQUAL_BUDGET if EQUAL_BUDGET in budgets else budgets[0])
@@ -435,7 +450,8 @@ def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     rows = summarise(results)
     compared = comparisons(results)
     curve_path = out / "methods_curve.json"
-    meta = {**meta, "runs": len(results), "run_wall_s_total": round(sum(r["wall_s"] for r in results), 1)}
+    meta = {**meta, "runs": len(results), "run_wall_s_total": round(sum(r["wall_s"] for r in results), 1),
+            "family_facts": family_facts()}
     payload = {"meta": meta, "summary": rows, "comparisons": compared, "runs": results,
                "curve": json.loads(curve_path.read_text()) if curve_path.exists() else None}
     (out / "methods.json").write_text(json.dumps(payload, indent=1))

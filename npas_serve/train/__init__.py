@@ -5,7 +5,7 @@ Modules, each importing only those above it in this list (and the family below):
 - `config`: `TrainConfig`, with every run-dependent default (search and unsharing epochs) resolved.
 - `distributed`: the process group, batch norm over the global batch, the mean loss over ranks.
 - `loop`: loss, optimiser, schedule, batches and epochs.
-- `search`: what the searched groupings share (`SearchResult`, the warm-up, the probe batch).
+- `search`: what the searched groupings share (`SearchResult`, the warm-up and the members it trains).
 - `gradient`, `kmeans`, `unshare`: SuperWeights' gradient grouping and coefficient unsharing,
   SSN's k-means grouping.
 - `state`: the optimiser state between epochs, for --resume.
