@@ -1,7 +1,6 @@
 """User families: a builder in the user's own file, trained, saved with its source, and loaded only when trusted."""
 import hashlib
 import json
-import subprocess
 import sys
 import zipfile
 from dataclasses import replace
@@ -18,6 +17,7 @@ from npas_serve.families.user import CODE_FILE, UserCode, family_name, is_refere
 from npas_serve.family import FamilySpec, share
 from npas_serve.protocol.request import RequestError
 from npas_serve.train import TrainConfig, fit, run_training, save
+from tests.test_cli import assert_user_error, npas
 
 BUILDER = '''
 from torch import nn
@@ -39,19 +39,6 @@ import pathlib
 pathlib.Path(MARKER).write_text("module body ran")
 ''' + BUILDER.replace('def build_members(num_classes=3, in_channels=1):', '''def build_members(num_classes=3, in_channels=1):
     pathlib.Path(MARKER).write_text("builder ran")''')
-
-
-def npas(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "npas_serve.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def one_error_line(result, *words):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("npas-serve: error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +92,7 @@ def test_a_checkpoint_with_code_is_refused_without_trust_and_nothing_of_it_runs(
     for command in (["eval", trapped], ["serve", trapped, "--grpc-port", "1", "--metrics-port", "2"],
                     ["archive", trapped, "--model-store", tmp_path / "store"],
                     ["train", "--resume", "--out", trapped, "--quiet"]):
-        one_error_line(npas(*command), "carries Python code", "--trust-code")
+        assert_user_error(npas(*command), "carries Python code", "--trust-code")
     assert not marker.exists()
     load_checkpoint(trapped, trust_code=True)     # the opt-in does run it: the marker proves the test can fail
     assert marker.exists()

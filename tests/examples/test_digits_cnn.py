@@ -8,7 +8,6 @@ import json
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support.servers import free_port, wait_port
+from tests.support.servers import free_port, running_embedded
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "own-model.md"
@@ -78,16 +77,6 @@ def test_the_worked_example_runs_as_written(tmp_path):
     assert len(answers) == 1 and sum(p == y for p, y in zip(answers[0], labels)) >= 7, (answers, labels)
 
     serve, query = map(argv, embedded)
-    grpc, metrics = free_port(), free_port()
-    server = subprocess.Popen(serve + ["--grpc-port", str(grpc), "--metrics-port", str(metrics)], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(grpc, server)
-        assert predictions(run(query + ["--target", f"127.0.0.1:{grpc}"], tmp_path, 120)) == answers[0]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    assert serve[3:5] == ["serve", "runs/digits-own/ckpt"]
+    with running_embedded(tmp_path / serve[4], args=serve[5:]) as launched:    # the page's flags: --trust-code
+        assert predictions(run(query + ["--target", launched.target], tmp_path, 120)) == answers[0]

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from npas_serve.servers.torchserve import launcher as ts
 from npas_serve.servers.torchserve.archive import build_archive
@@ -58,14 +58,15 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 180.0) -> None
 
 
 @contextmanager
-def running_embedded(checkpoint: Path, env: dict[str, str] | None = None) -> Iterator[Launched]:
-    """`npas-serve serve CHECKPOINT`; SIGTERM (a graceful drain) at the end, SIGKILL after 60 s.
+def running_embedded(checkpoint: Path, env: dict[str, str] | None = None,
+                     args: Sequence[str] = ()) -> Iterator[Launched]:
+    """`npas-serve serve CHECKPOINT [ARGS]`; SIGTERM (a graceful drain) at the end, SIGKILL after 60 s.
 
     `env` is added to this process's environment for the server (as for TorchServe).
     """
     grpc_port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([*CLI, "serve", str(checkpoint), "--grpc-port", str(grpc_port),
-                             "--metrics-port", str(metrics_port)],
+                             "--metrics-port", str(metrics_port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     try:
         wait_port(grpc_port, proc)
