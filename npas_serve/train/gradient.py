@@ -135,6 +135,8 @@ def match_layers(slots: Sequence[Slot], bins: Sequence[int], grads: Sequence[tor
         if pooled or sum(bank.size for bank in bank_layout(slots, groups)[0]) <= budget or threshold < -1:
             break
         threshold -= step
+        if threshold < -1:      # the last try: a bin's layers all merge, whatever their (float) cosines
+            threshold = -2.0
     name = [f"{s.member}:{s.name}" for s in slots]
     values = list(cos.values())
     diagnostics = {
