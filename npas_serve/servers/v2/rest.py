@@ -175,13 +175,11 @@ class V2Handler(BaseHTTPRequestHandler):
 def _request(header: dict, binary: memoryview, name: str, version: str) -> tuple[V2Request, dict[str, bool]]:
     """The JSON request (and its binary tail) as a V2Request, and which outputs go back as binary
     ("" holds the request-wide `binary_data_output`)."""
-    params = dict(header.get("parameters") or {})
-    if not isinstance(params, dict):
-        raise RequestError("parameters", "parameters must be a JSON object.")
+    params = _parameters(header)
     binary_out = {"": bool(params.pop("binary_data_output", False))}
     inputs, offset = [], 0
     for item in _objects(header.get("inputs"), "inputs"):
-        tparams = dict(item.get("parameters") or {})
+        tparams = _parameters(item)
         size = tparams.pop("binary_data_size", None)
         if tparams:
             raise RequestError("parameters", f"input parameter {sorted(tparams)[0][:64]!r} is not supported; "
@@ -202,13 +200,20 @@ def _request(header: dict, binary: memoryview, name: str, version: str) -> tuple
     requested = []
     for item in _objects(header.get("outputs") or [], "outputs"):
         requested.append(str(item.get("name")))
-        oparams = item.get("parameters") or {}
+        oparams = _parameters(item)
         if "binary_data" in oparams:
             binary_out[requested[-1]] = bool(oparams["binary_data"])
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise RequestError("id", "id must be a string.")
     return V2Request(name, version, request_id, tuple(inputs), params, tuple(requested)), binary_out
+
+
+def _parameters(obj: dict) -> dict:
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError("parameters", "parameters must be a JSON object.")
+    return dict(params)
 
 
 def _objects(value: Any, key: str) -> list[dict]:
