@@ -22,6 +22,8 @@ from npas_serve.protocol import RequestError, encode_response
 from npas_serve.protocol.limits import deadline_passed
 from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
 from npas_serve.servers.metrics import PrometheusSink, record
+from npas_serve.servers.v2.grpc_service import add_v2_servicer
+from npas_serve.servers.v2.rest import start_rest_server
 
 log = logging.getLogger(__name__)
 SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
@@ -90,6 +92,7 @@ def create_server(engine: Engine, host: str = "127.0.0.1", port: int = 7070, mod
                          options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
         InferenceServicer(engine, model_name, model_version), server)
+    add_v2_servicer(server, engine, model_name, model_version)     # KServe v2 / Triton, same port and engine
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -118,11 +121,14 @@ def start_metrics(engine: Engine, model_name: str, host: str, port: int):
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metrics_port: int = 8082,
-          model_name: str = "npas", model_version: str = "1", grace_s: float = 30.0) -> None:
-    """Run until SIGTERM/SIGINT, then drain: health says NOT_SERVING, in-flight requests finish."""
+          model_name: str = "npas", model_version: str = "1", grace_s: float = 30.0,
+          http_port: int | None = None) -> None:
+    """Run until SIGTERM/SIGINT, then drain: health says NOT_SERVING, in-flight requests finish.
+    With `http_port`, the v2 REST endpoints are served there too."""
     server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
     try:
         metrics = start_metrics(engine, model_name, host, metrics_port)
+        rest = None if http_port is None else start_rest_server(engine, model_name, model_version, host, http_port)
     except UserError:
         server.stop(None)
         raise
@@ -130,7 +136,8 @@ def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metric
     for service in ("", SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"serving '{model_name}' on {host}:{port} (gRPC), metrics on "
-          f"http://{host}:{metrics.server_port}/metrics", flush=True)
+          f"http://{host}:{metrics.server_port}/metrics"
+          + ("" if rest is None else f", v2 REST on http://{host}:{rest.server_address[1]}/v2"), flush=True)
 
     stopping = threading.Event()
 
@@ -140,6 +147,8 @@ def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metric
         stopping.set()
         log.info("signal %s: draining", signum)
         health_servicer.enter_graceful_shutdown()
+        if rest is not None:
+            rest.shutdown()            # stops taking requests; in-flight ones finish on their threads
         server.stop(grace_s)           # refuses new RPCs, waits for in-flight ones
 
     signal.signal(signal.SIGTERM, drain)
