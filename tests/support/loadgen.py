@@ -16,6 +16,7 @@ import numpy as np
 
 from npas_serve.client import Client
 from npas_serve.protocol.response import InferenceResponse
+from tests.support.v2client import V2Client
 
 CALL_TIMEOUT_S = 60.0
 
@@ -58,8 +59,9 @@ class Run:
 def run_load(target: str, token: str | None, calls: Sequence[Call], clients: int, *, model_name: str = "npas",
              deadline_s: float | None = None, rate_per_s: float | None = None, budget_ms: float | None = None,
              during: Callable[[list[Result]], None] | None = None,
-             call_timeout_s: float = CALL_TIMEOUT_S) -> Run:
-    """Send every call (or as many as `deadline_s` allows) from `clients` threads.
+             call_timeout_s: float = CALL_TIMEOUT_S, protocol: str = "torchserve") -> Run:
+    """Send every call (or as many as `deadline_s` allows) from `clients` threads, over TorchServe's
+    gRPC API (`protocol="torchserve"`) or KServe v2's (`"v2"`, tritonclient; the embedded server only).
 
     `during(results)` runs in the calling thread while the clients work (e.g. to kill a
     worker); `results` is the live list the clients append to.
@@ -71,7 +73,8 @@ def run_load(target: str, token: str | None, calls: Sequence[Call], clients: int
     t0 = time.monotonic()
 
     def client_loop():
-        with Client(target, model_name, token=token, timeout=call_timeout_s) as client:
+        with (V2Client(target, model_name, timeout=call_timeout_s) if protocol == "v2" else
+              Client(target, model_name, token=token, timeout=call_timeout_s)) as client:
             while stop_at is None or time.monotonic() < stop_at:
                 with lock:
                     i, call = next(todo, (None, None))

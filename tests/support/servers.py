@@ -36,6 +36,7 @@ class Launched:
     pid: int
     run_dir: Path | None = None      # TorchServe only: config, logs, key_file.json
     ports: ts.Ports | None = None    # TorchServe only
+    http_target: str | None = None   # embedded only: host:port of the v2 REST endpoints
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -64,14 +65,15 @@ def running_embedded(checkpoint: Path, env: dict[str, str] | None = None,
 
     `env` is added to this process's environment for the server (as for TorchServe).
     """
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
     proc = subprocess.Popen([*CLI, "serve", str(checkpoint), "--grpc-port", str(grpc_port),
-                             "--metrics-port", str(metrics_port), *args],
+                             "--metrics-port", str(metrics_port), "--http-port", str(http_port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     try:
         wait_port(grpc_port, proc)
+        wait_port(http_port, proc)
         yield Launched("embedded", f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics",
-                       None, proc.pid)
+                       None, proc.pid, http_target=f"127.0.0.1:{http_port}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
