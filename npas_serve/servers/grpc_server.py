@@ -7,18 +7,19 @@ requests, finish the in-flight ones, exit).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import signal
-import threading
 from concurrent import futures
+from typing import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from npas_serve.engine import Engine
+from npas_serve.engine import DeadlineExceeded, Engine
 from npas_serve.errors import UserError
-from npas_serve.protocol import RequestError, encode_response
+from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, encode_response
 from npas_serve.protocol.limits import deadline_passed
 from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
 from npas_serve.servers.metrics import PrometheusSink, record
@@ -30,52 +31,85 @@ SERVICE = "org.pytorch.serve.grpc.inference.InferenceAPIsService"
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
-    """One short method per RPC; the engine decides everything."""
+    """One short coroutine per RPC; the engine decides everything.
+
+    A waiting call holds no thread: it awaits its answers, which the engine's device
+    thread hands to the event loop. A call that ends early (cancelled, gRPC deadline)
+    is cancelled at that await, and its request is dropped from the engine's queue or batch.
+    """
 
     def __init__(self, engine: Engine, model_name: str, model_version: str):
         self.engine, self.model_name, self.model_version = engine, model_name, model_version
 
-    def Ping(self, request, context):
+    async def Ping(self, request, context):
         return inference_pb2.TorchServeHealthResponse(health=json.dumps({"status": "Healthy"}))
 
-    def Predictions(self, request, context):
-        req = self._parse(request, context)
-        return self._reply(self.engine.answer(req), req)
+    async def Predictions(self, request, context):
+        req = await self._parse(request, context)
+        async for answer in self._answers(req, context, intermediate=False):
+            return self._reply(answer, req)
 
-    def StreamPredictions(self, request, context):
+    async def StreamPredictions(self, request, context):
         """Refined answers only when the request asks for them (`stream`); otherwise the final one alone."""
-        req = self._parse(request, context)
-        for answer in self.engine.answers(req, intermediate=req.stream):
+        req = await self._parse(request, context)
+        async for answer in self._answers(req, context, intermediate=req.stream):
             yield self._reply(answer, req)
 
-    def StreamPredictions2(self, request_iterator, context):
+    async def StreamPredictions2(self, request_iterator, context):
         """Refused in-band, one message per request, as TorchServe 0.12 refuses it without sequence batching."""
         from google.rpc import status_pb2
 
         refusal = status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0],
                                     message="StreamPredictions2 is not served (no sequence batching); use "
                                             "Predictions, or StreamPredictions with stream=true")
-        for _ in request_iterator:
+        async for _ in request_iterator:
             yield inference_pb2.PredictionResponse(status=refusal)
 
-    def _parse(self, request, context):
+    async def _parse(self, request, context) -> InferenceRequest:
         # routing errors as TorchServe 0.12's frontend gives them, so a client sees one behaviour
         if request.model_name != self.model_name:
-            context.abort(grpc.StatusCode.INTERNAL, f"Model not found: {request.model_name} "
-                                                    f"(this server serves '{self.model_name}')")
+            await context.abort(grpc.StatusCode.INTERNAL, f"Model not found: {request.model_name} "
+                                                          f"(this server serves '{self.model_name}')")
         if request.model_version not in ("", self.model_version):
-            context.abort(grpc.StatusCode.INTERNAL, f"Model version: {request.model_version} does not exist "
-                                                    f"for model: {self.model_name} (it has '{self.model_version}')")
+            await context.abort(grpc.StatusCode.INTERNAL, f"Model version: {request.model_version} does not "
+                                                          f"exist for model: {self.model_name} "
+                                                          f"(it has '{self.model_version}')")
         try:
             req = self.engine.parse(dict(request.input))
         except RequestError as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err}")
-        if not context.is_active():            # the caller gave up while the call waited for a thread
-            context.abort(grpc.StatusCode.CANCELLED, "the call ended before it was run")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err}")
+        if context.cancelled():                # the caller gave up before the call was run
+            await context.abort(grpc.StatusCode.CANCELLED, "the call ended before it was run")
         if deadline_passed(req.deadline_unix_ms):
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_unix_ms: the deadline passed before "
-                                                             "the request was run; nothing was computed")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_unix_ms: the deadline passed "
+                                                                   "before the request was run; nothing was computed")
         return req
+
+    async def _answers(self, req: InferenceRequest, context, intermediate: bool) -> AsyncIterator[InferenceResponse]:
+        """The engine's answers to one request, awaited on the event loop; leaving early drops its work."""
+        loop = asyncio.get_running_loop()
+        box: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item) -> None:           # on the device thread
+            try:
+                loop.call_soon_threadsafe(box.put_nowait, item)
+            except RuntimeError:             # the loop has closed: the server stopped, nobody waits
+                pass
+
+        run, = self.engine.submit([req], [deliver], intermediate)
+        try:
+            while True:
+                item = await box.get()
+                if isinstance(item, DeadlineExceeded):
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(item))
+                if isinstance(item, BaseException):
+                    log.error("request failed: %r", item)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
+                yield item
+                if item.final:
+                    return
+        finally:
+            run.cancel()                     # a no-op once it has ended
 
     @staticmethod
     def _reply(answer, req):
@@ -83,17 +117,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
 
 
 def create_server(engine: Engine, host: str = "127.0.0.1", port: int = 7070, model_name: str = "npas",
-                  model_version: str = "1", workers: int = 8) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-on-demand server and the port it bound (pass port 0 for any free port)."""
+                  model_version: str = "1", workers: int = 8) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A grpc.aio server, not started, and the port it bound (pass port 0 for any free port).
+
+    Call it inside the event loop that will run it. `workers` threads run only the services
+    written as plain functions; the inference service's coroutines run on the loop.
+    """
     # bigger messages are refused by grpcio itself, before any Python work
     limit = engine.limits.payload_bytes + 64 * 1024     # room for the request envelope
     # no SO_REUSEPORT: a second server on a busy port fails instead of taking half its connections
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
-                         options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(futures.ThreadPoolExecutor(max_workers=workers),
+                             options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceAPIsServiceServicer_to_server(
         InferenceServicer(engine, model_name, model_version), server)
     add_v2_servicer(server, engine, model_name, model_version)     # KServe v2 / Triton, same port and engine
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
@@ -125,34 +163,35 @@ def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metric
           http_port: int | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain: health says NOT_SERVING, in-flight requests finish.
     With `http_port`, the v2 REST endpoints are served there too."""
+    asyncio.run(_serve(engine, host, grpc_port, metrics_port, model_name, model_version, grace_s, http_port))
+
+
+async def _serve(engine: Engine, host: str, grpc_port: int, metrics_port: int, model_name: str,
+                 model_version: str, grace_s: float, http_port: int | None) -> None:
     server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
     try:
         metrics = start_metrics(engine, model_name, host, metrics_port)
         rest = None if http_port is None else start_rest_server(engine, model_name, model_version, host, http_port)
     except UserError:
-        server.stop(None)
+        await server.stop(None)
         raise
-    server.start()
+    await server.start()
     for service in ("", SERVICE):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"serving '{model_name}' on {host}:{port} (gRPC), metrics on "
           f"http://{host}:{metrics.server_port}/metrics"
           + ("" if rest is None else f", v2 REST on http://{host}:{rest.server_address[1]}/v2"), flush=True)
 
-    stopping = threading.Event()
-
-    def drain(signum, frame):
-        if stopping.is_set():
-            return
-        stopping.set()
-        log.info("signal %s: draining", signum)
-        health_servicer.enter_graceful_shutdown()
-        if rest is not None:
-            rest.shutdown()            # stops taking requests; in-flight ones finish on their threads
-        server.stop(grace_s)           # refuses new RPCs, waits for in-flight ones
-
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
-    server.wait_for_termination()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("signal: draining")
+    await health_servicer.enter_graceful_shutdown()
+    if rest is not None:
+        rest.shutdown()            # stops taking requests; in-flight ones finish on their threads
+    await server.stop(grace_s)     # refuses new RPCs, waits for in-flight ones
     metrics.shutdown()
+    engine.close()
     print("stopped", flush=True)

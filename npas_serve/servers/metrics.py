@@ -15,6 +15,7 @@ from typing import Protocol
 from npas_serve.engine import Engine, Observation
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+EXAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...]     # besides ModelName
     unit: str = "count"
+    buckets: tuple[float, ...] = LATENCY_BUCKETS     # histograms only
 
 
 METRICS = (
@@ -37,6 +39,10 @@ METRICS = (
                ("mode",)),
     MetricSpec("npas_weight_generation_seconds", "histogram", "Time spent generating weights for a request",
                (), "s"),
+    MetricSpec("npas_queue_seconds", "histogram", "Time a request waited in the engine's queue for its batch",
+               (), "s"),
+    MetricSpec("npas_batch_examples", "histogram", "Examples in the device batch a request ran in (its own included)",
+               (), "count", EXAMPLE_BUCKETS),
     MetricSpec("npas_resident_bank_bytes", "gauge",
                "Resident shared state: bank, coefficients, norms and heads", (), "B"),
     MetricSpec("npas_cache_bytes", "gauge", "Generated weights held by the cache", (), "B"),
@@ -63,6 +69,9 @@ def record(sink: Sink, engine: Engine, obs: Observation) -> None:
     if obs.budget_missed:
         emit("npas_budget_misses_total", 1, mode=obs.mode)
     emit("npas_weight_generation_seconds", obs.generation_s)
+    if obs.queue_s is not None:            # it reached a batch (not refused while queued)
+        emit("npas_queue_seconds", obs.queue_s)
+        emit("npas_batch_examples", obs.batch_examples)
     resident = engine.resident_bytes()
     emit("npas_resident_bank_bytes", resident.total - resident.cache)
     emit("npas_cache_bytes", resident.cache)
@@ -87,7 +96,7 @@ class PrometheusSink:
             elif spec.kind == "gauge":
                 metric = prom.Gauge(spec.name, spec.help, labels, registry=self.registry)
             else:
-                metric = prom.Histogram(spec.name, spec.help, labels, buckets=LATENCY_BUCKETS,
+                metric = prom.Histogram(spec.name, spec.help, labels, buckets=spec.buckets,
                                         registry=self.registry)
             self._metrics[spec.name] = metric
 

@@ -79,5 +79,6 @@ def test_project_metrics_are_exported(server, examples):
     with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     for name in ("npas_requests_total", "npas_request_latency_seconds", "npas_members_run_total",
-                 "npas_exit_depth_total", "npas_resident_bank_bytes", "npas_weight_generation_seconds"):
+                 "npas_exit_depth_total", "npas_resident_bank_bytes", "npas_weight_generation_seconds",
+                 "npas_queue_seconds", "npas_batch_examples"):
         assert name in text, f"{name} missing from {server.kind} /metrics"

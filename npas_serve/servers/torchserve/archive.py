@@ -26,16 +26,25 @@ from npas_serve.errors import UserError
 HANDLER = Path(__file__).resolve().with_name("npas_handler.py")
 CONFIG = "npas_config.json"   # the engine config in a .mar: model name, cache bound, limits
 MODEL_CONFIG = "model-config.yaml"
+# TorchServe's own batching: the frontend hands a worker up to BATCH_SIZE queued calls at once,
+# waiting at most MAX_BATCH_DELAY_MS for a batch to fill; the engine runs them as one batch.
+# The delay is short because an idle server pays it on every call.
+BATCH_SIZE = 32
+MAX_BATCH_DELAY_MS = 2
 
 
 def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path("model_store"),
                   version: str = "1", config: EngineConfig | None = None, workers: int = 1,
-                  trust_code: bool = False) -> Path:
+                  trust_code: bool = False, batch_size: int = BATCH_SIZE,
+                  max_batch_delay_ms: int = MAX_BATCH_DELAY_MS) -> Path:
     checkpoint, model_store = Path(checkpoint), Path(model_store)
     # refuses a tampered or mismatched checkpoint (or one carrying untrusted code) before packing it
     _, manifest = load_checkpoint(checkpoint, trust_code=trust_code)
     config = config or EngineConfig()
     _check_config(config)         # a .mar whose worker cannot start would crash-loop under TorchServe
+    if batch_size < 1 or max_batch_delay_ms < 0:
+        raise UserError(f"TorchServe batching out of range: batch_size {batch_size} (>= 1), "
+                        f"max_batch_delay_ms {max_batch_delay_ms} (>= 0)")
     config.model_name, config.model_version = name, version
     config.trust_code = trust_code and manifest.code is not None
     model_store.mkdir(parents=True, exist_ok=True)
@@ -45,7 +54,8 @@ def build_archive(checkpoint: Path, name: str = "npas", model_store: Path = Path
         engine_config["warmup_batch_sizes"] = list(config.warmup_batch_sizes)
         (tmp / CONFIG).write_text(json.dumps(engine_config, indent=2))
         (tmp / MODEL_CONFIG).write_text(
-            f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: 1\nresponseTimeout: 120\n")
+            f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\n"
+            f"maxBatchDelay: {max_batch_delay_ms}\nresponseTimeout: 120\n")
         export = tmp / "export"
         export.mkdir()
         extra = [checkpoint / TENSORS, checkpoint / MANIFEST, tmp / CONFIG]
@@ -105,6 +115,9 @@ def _extract_bounded(zf, name: str, into: Path) -> None:
 
 
 def _check_config(config: EngineConfig) -> None:
-    if config.cache_bytes < 0 or config.max_batch < 1 or config.max_payload_bytes < 1:
+    if (config.cache_bytes < 0 or config.max_batch < 1 or config.max_payload_bytes < 1 or config.batch_examples < 1
+            or config.batch_delay_ms < 0 or config.threads < 0):
         raise UserError(f"engine config out of range: cache_bytes {config.cache_bytes} (>= 0), max_batch "
-                        f"{config.max_batch} (>= 1), max_payload_bytes {config.max_payload_bytes} (>= 1)")
+                        f"{config.max_batch} (>= 1), max_payload_bytes {config.max_payload_bytes} (>= 1), "
+                        f"batch_examples {config.batch_examples} (>= 1), batch_delay_ms {config.batch_delay_ms} "
+                        f"(>= 0), threads {config.threads} (>= 0)")

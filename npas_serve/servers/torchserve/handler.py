@@ -1,7 +1,8 @@
 """TorchServe handler: a thin adapter from TorchServe's worker to the npas-serve engine.
 
 `initialize` builds the engine from the files packed in the .mar; `handle`
-maps each request of a batch to `Engine.parse` -> `Engine.answer` and back.
+parses each request of TorchServe's batch (`Engine.parse`), hands the valid ones to
+the engine as one batch (`Engine.answer_batch`) and encodes each answer or error back.
 All decisions (planning, validation, uncertainty) are the engine's. The .mar
 names `npas_handler.py` beside this file, which subclasses `NpasHandler`.
 
@@ -19,8 +20,8 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from npas_serve.engine import Engine, EngineConfig
-from npas_serve.protocol import RequestError, encode_response
+from npas_serve.engine import DeadlineExceeded, Engine, EngineConfig
+from npas_serve.protocol import InferenceRequest, RequestError, encode_response
 from npas_serve.protocol.limits import deadline_passed
 from npas_serve.servers.metrics import TorchServeSink, record
 from npas_serve.servers.torchserve.archive import CONFIG
@@ -47,7 +48,24 @@ class NpasHandler(BaseHandler):
         kinds = [call_kind(context.get_all_request_header(i)) for i in range(len(data))]
         if kinds and kinds[0] is CallKind.DESCRIBE:      # TorchServe sends a describe alone
             return [self.describe()]
-        return [self._one(i, row, context, kinds[i], alone=len(data) == 1) for i, row in enumerate(data)]
+        alone = len(data) == 1
+        requests, bodies = {}, {}
+        for i, row in enumerate(data):          # each request's own refusal in its place
+            try:
+                requests[i] = self._parse(row)
+            except (RequestError, PredictionException) as err:
+                bodies[i] = self._refusal(i, err, context, alone)
+        # one call: the engine runs them as one batch, each member once for all
+        for i, answer in zip(requests, self.engine.answer_batch(list(requests.values()))):
+            if isinstance(answer, BaseException):
+                bodies[i] = self._refusal(i, self._failure(answer), context, alone)
+            else:
+                bodies[i] = encode_response(answer, requests[i].payload_format)
+        for i, kind in enumerate(kinds):
+            if kind is CallKind.GRPC:
+                # StreamPredictions needs it on its (only) message; over HTTP it would make the reply chunked
+                context.set_response_header(i, "ts_stream_next", "false")
+        return [bodies[i] for i in range(len(data))]
 
     def describe(self) -> bytes:
         """What the management API's `?customized=true` shows: proof that this worker answers."""
@@ -58,23 +76,30 @@ class NpasHandler(BaseHandler):
                            "input_shape": list(limits.input_shape), "max_batch": limits.max_batch,
                            "max_payload_bytes": limits.payload_bytes}).encode()
 
-    def _one(self, idx: int, fields: dict, context, kind: CallKind, alone: bool) -> bytes:
-        try:
-            request = self.engine.parse(fields)
-            if deadline_passed(request.deadline_unix_ms):
-                # the frontend hands over calls whose client has gone; nobody waits for this answer
-                raise PredictionException("deadline_unix_ms: the deadline passed before the request "
-                                          "was run; nothing was computed", 504)
-            answer = self.engine.answer(request)
-            body = encode_response(answer, request.payload_format)
-        except RequestError as err:
-            if alone:
-                # TorchServe turns a worker-level 400 into gRPC INVALID_ARGUMENT / HTTP 400; a
-                # per-request status inside a batch reaches HTTP clients only (archives use batch 1)
-                raise PredictionException(f"{err.field}: {err}", 400) from None
-            context.set_response_status(400, f"{err.field}: {err}", idx)
-            body = json.dumps({"error": str(err), "field": err.field}).encode()
-        if kind is CallKind.GRPC:
-            # StreamPredictions needs it on its (only) message; over HTTP it would make the reply chunked
-            context.set_response_header(idx, "ts_stream_next", "false")
-        return body
+    def _parse(self, fields: dict) -> InferenceRequest:
+        request = self.engine.parse(fields)
+        if deadline_passed(request.deadline_unix_ms):
+            # the frontend hands over calls whose client has gone; nobody waits for this answer
+            raise PredictionException("deadline_unix_ms: the deadline passed before the request "
+                                      "was run; nothing was computed", 504)
+        return request
+
+    @staticmethod
+    def _failure(error: BaseException) -> PredictionException:
+        if isinstance(error, DeadlineExceeded):
+            return PredictionException(str(error), 504)
+        return PredictionException(f"the engine failed: {error}", 500)
+
+    @staticmethod
+    def _refusal(idx: int, err: RequestError | PredictionException, context, alone: bool) -> bytes:
+        """Alone, the worker-level status (TorchServe turns a 400 into gRPC INVALID_ARGUMENT, a 504
+        into DEADLINE_EXCEEDED); inside a batch, a per-request status (it reaches HTTP clients) and
+        an error body."""
+        if isinstance(err, RequestError):
+            code, message, body = 400, f"{err.field}: {err}", {"error": str(err), "field": err.field}
+        else:
+            code, message, body = err.error_code, err.message, {"error": err.message}
+        if alone:
+            raise PredictionException(message, code) from None
+        context.set_response_status(code, message, idx)
+        return json.dumps(body).encode()

@@ -1,0 +1,155 @@
+"""Concurrent requests share batches, and each still gets exactly the answer it gets alone.
+
+Run against both real servers (the embedded one batches in its engine; TorchServe hands the
+worker its own batches). Every loop is bounded and every server is on loopback.
+"""
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from npas_serve.client import Client, ClientError
+from npas_serve.protocol import encode_request, inference_pb2, inference_pb2_grpc
+
+
+def client(server) -> Client:
+    return Client(server.target, "npas", token=server.token, timeout=120)
+
+
+def mixed_requests(num_members: int, num_exits: int) -> list[tuple[str, np.ndarray, dict]]:
+    """(call, inputs, knobs): ensemble, anytime, streamed and budgeted requests, each with its own
+    inputs and id. Budgets are roomy, so the plan does not depend on the load."""
+    rng = np.random.default_rng(10)
+    shapes = []
+    for i in range(8):
+        shapes += [("predict", {"ensemble_size": 1 + i % num_members}),
+                   ("predict", {"mode": "anytime", "exit": i % num_exits}),
+                   ("stream", {"mode": "anytime"} if i % 2 else {}),
+                   ("predict", {"latency_budget_ms": 30_000, **({"mode": "anytime"} if i % 2 else {})})]
+    shapes += [("predict", {"mode": "anytime", "min_confidence": 0.0}), ("stream", {"ensemble_size": 2})]
+    return [(call, rng.normal(size=(1 + i % 3, 1, 40)).astype(np.float32), {**knobs, "request_id": f"req-{i}"})
+            for i, (call, knobs) in enumerate(shapes)]
+
+
+def ask(server, call: str, x: np.ndarray, knobs: dict):
+    with client(server) as c:
+        return [c.predict(x, **knobs)] if call == "predict" else list(c.stream(x, **knobs))
+
+
+def same(got, alone) -> None:
+    """The same answers; under a budget the planner may order the same members differently (it ranks
+    them by accuracy per predicted millisecond, which moves with the load), without the answer moving."""
+    assert len(got) == len(alone)
+    for a, b in zip(got, alone):
+        assert a.request_id == b.request_id and a.final == b.final and a.exit_reached == b.exit_reached
+        if a.budget_ms is None:
+            assert a.members_used == b.members_used and a.plan == b.plan
+        else:
+            assert sorted(a.members_used) == sorted(b.members_used) and sorted(a.plan) == sorted(b.plan)
+        assert a.predictions == b.predictions
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+        np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-4)
+
+
+def metric_sum(url: str, name: str) -> float:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") or
+               line.startswith(name + " "))
+
+
+def test_mixed_concurrent_load_gets_the_answers_each_request_gets_alone(server):
+    requests = mixed_requests(server.num_members, server.num_exits)
+    alone = [ask(server, *r) for r in requests]
+    for _ in range(2):                      # all at once, twice: none lost, none mixed up
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: ask(server, *r), requests))
+        for got, expected in zip(together, alone):
+            same(got, expected)
+
+
+def test_concurrent_requests_share_device_batches(embedded):
+    """The embedded server's batches: its metrics count more examples than any one request had."""
+    url = embedded.metrics_url
+    before = metric_sum(url, "npas_batch_examples_sum"), metric_sum(url, "npas_batch_examples_count")
+    x = np.random.default_rng(3).normal(size=(32, 1, 1, 40)).astype(np.float32)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: ask(embedded, "predict", x[i], {}), range(32)))
+    examples = metric_sum(url, "npas_batch_examples_sum") - before[0]
+    requests = metric_sum(url, "npas_batch_examples_count") - before[1]
+    assert requests == 32 and examples / requests > 1.5     # batch-1 requests ran several to a batch
+
+
+def test_a_past_deadline_is_refused_and_a_roomy_one_answered(server):
+    x = np.random.default_rng(4).normal(size=(2, 1, 40)).astype(np.float32)
+    with client(server) as c:
+        with pytest.raises(ClientError) as err:
+            c.predict(x, deadline_unix_ms=time.time() * 1000 - 1)
+        assert err.value.code == "DEADLINE_EXCEEDED" or "deadline" in err.value.details
+        answer = c.predict(x, deadline_unix_ms=time.time() * 1000 + 60_000)
+    assert answer.final and answer.budget_met is True
+
+
+def process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc to read a process's CPU and threads")
+def test_cancelled_calls_stop_costing(embedded):
+    """200 calls cancelled or timed out by their clients: dropped from the queue, and the server is back at
+    its idle CPU and thread count. Each asks for the whole ensemble on 256 examples, so running them all
+    would cost the server far more CPU than the calls that happened to start."""
+    import grpc
+
+    pid = embedded.pid
+    x = np.random.default_rng(5).normal(size=(256, 1, 40)).astype(np.float32)
+    message = inference_pb2.PredictionsRequest(model_name="npas", input={"data": encode_request(x, "protobuf")})
+    with grpc.insecure_channel(embedded.target) as channel:
+        stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
+        stub.Predictions(message, timeout=120)                  # warm: the first big batch allocates
+        cpu, idle_threads = process_cpu_s(pid), threads(pid)
+        stub.Predictions(message, timeout=120)
+        one = process_cpu_s(pid) - cpu
+        cpu = process_cpu_s(pid)
+        calls = []
+        for i in range(200):
+            if i % 2:
+                calls.append(stub.Predictions.future(message, timeout=0.02))   # its gRPC deadline expires
+            else:
+                call = stub.Predictions.future(message, timeout=120)
+                calls.append(call)
+                call.cancel()
+        codes = set()
+        for call in calls:
+            try:
+                call.result(timeout=120)
+                codes.add("OK")
+            except grpc.RpcError as err:                       # cancelled calls raise too
+                codes.add(err.code().name)
+            except grpc.FutureCancelledError:
+                codes.add("CANCELLED")
+        assert codes <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}
+        end = time.monotonic() + 30                            # whatever started finishes, then idles
+        while time.monotonic() < end:
+            before = process_cpu_s(pid)
+            time.sleep(0.5)
+            if process_cpu_s(pid) - before < 0.05:
+                break
+        spent = process_cpu_s(pid) - cpu
+        idle_cpu = process_cpu_s(pid)
+        time.sleep(1.0)
+        assert process_cpu_s(pid) - idle_cpu < 0.05            # idle again: nothing left running
+        assert threads(pid) <= idle_threads                    # no thread left behind per call
+        assert spent < 0.25 * 200 * one, (spent, one)          # most of the work was never done
+        assert stub.Predictions(message, timeout=120).prediction   # and it still serves
