@@ -193,3 +193,26 @@ def test_save_refuses_a_builder_whose_members_differ(tmp_path, small_npz):
     manifest = fit(family, str(small_npz), TrainConfig(epochs=1, batch_size=64))
     with pytest.raises(UserError, match="differ"):
         save(family, tmp_path / "ckpt", replace(manifest), builder=f"{tmp_path / 'other.py'}:build_members")
+
+
+def test_data_the_family_cannot_take_fails_before_anything_is_written(tmp_path):
+    (tmp_path / "families.py").write_text(BUILDER)
+    np.savez(tmp_path / "images.npz", x=np.zeros((20, 3, 8, 8)), y=np.arange(20) % 3)
+    with pytest.raises(UserError, match=r"shape \(3, 8, 8\); this family takes 1-D signals"):
+        run_training(FamilySpec(family=f"{tmp_path / 'families.py'}:build_members"), TrainConfig(epochs=1),
+                     tmp_path / "out", data=str(tmp_path / "images.npz"), progress=False)
+    with pytest.raises(UserError, match="pass --data"):
+        run_training(FamilySpec(family=f"{tmp_path / 'families.py'}:build_members"), TrainConfig(epochs=1),
+                     tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_registered_family_fitted_from_python_saves_without_code_or_trust(tmp_path, small_npz):
+    from npas_serve.family import build_family
+
+    family = build_family(FamilySpec(family="mnist1d-resnet-tiny", family_kwargs={"num_classes": 3}))
+    manifest = fit(family, str(small_npz), TrainConfig(epochs=1, batch_size=64))
+    save(family, tmp_path / "ckpt", manifest)
+    assert not (tmp_path / "ckpt" / CODE_FILE).exists() and read_manifest(tmp_path / "ckpt").code is None
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), family.state_dict().values()))
