@@ -22,6 +22,7 @@ from npas_serve.errors import UserError
 from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, encode_response
 from npas_serve.protocol.limits import deadline_passed
 from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
+from npas_serve.servers.answers import awaited_answers
 from npas_serve.servers.metrics import PrometheusSink, record
 from npas_serve.servers.v2.grpc_service import add_v2_servicer
 from npas_serve.servers.v2.rest import start_rest_server
@@ -86,30 +87,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
         return req
 
     async def _answers(self, req: InferenceRequest, context, intermediate: bool) -> AsyncIterator[InferenceResponse]:
-        """The engine's answers to one request, awaited on the event loop; leaving early drops its work."""
-        loop = asyncio.get_running_loop()
-        box: asyncio.Queue = asyncio.Queue()
-
-        def deliver(item) -> None:           # on the device thread
-            try:
-                loop.call_soon_threadsafe(box.put_nowait, item)
-            except RuntimeError:             # the loop has closed: the server stopped, nobody waits
-                pass
-
-        run, = self.engine.submit([req], [deliver], intermediate)
+        """The engine's answers to one request (`awaited_answers`), its errors as gRPC statuses."""
         try:
-            while True:
-                item = await box.get()
-                if isinstance(item, DeadlineExceeded):
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(item))
-                if isinstance(item, BaseException):
-                    log.error("request failed: %r", item)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {item}")
-                yield item
-                if item.final:
-                    return
-        finally:
-            run.cancel()                     # a no-op once it has ended
+            async for answer in awaited_answers(self.engine, req, intermediate):
+                yield answer
+        except DeadlineExceeded as err:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        except Exception as err:             # the batch failed (its requests all say so)
+            log.error("request failed: %r", err)
+            await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {err}")
 
     @staticmethod
     def _reply(answer, req):
