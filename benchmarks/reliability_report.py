@@ -106,6 +106,70 @@ def model_files(fig: dict) -> list[str]:
     return out or ["Not run."]
 
 
+def hardening(fig: dict) -> list[str]:
+    """Issue 13: the worker that died on one call, REST uploads, expiring keys, refused payloads,
+    abandoned calls, interrupted checkpoint writes, CLI errors."""
+    out = []
+    health = fig.get("worker_health", {})
+    unary = health.get("stream_true_in_unary_call")
+    if unary:
+        out += [f"**`stream: true` in a unary `Predictions` call to TorchServe** (it used to cost the worker for "
+                f"good while every health check said READY): {unary['answer']}, the same worker kept serving, the "
+                f"next good request was answered in {unary['next_good_request_s']} s.", ""]
+    stopped = health.get("worker_stopped")
+    if stopped:
+        out += [f"**Readiness while the worker cannot answer** (worker process SIGSTOPped; the worker list still "
+                f"said {stopped['worker_list_said']}): `npas-serve torchserve status` exited "
+                f"{stopped['status_exit']}, `deploy/docker/healthcheck.py torchserve` (also every Kubernetes probe) "
+                f"exited {stopped['healthcheck_exit']}; both passed again "
+                f"{stopped['ready_again_s_after_resume']} s after SIGCONT.", ""]
+    rest = fig.get("rest", {})
+    if rest:
+        out += ["**TorchServe REST** (curl with the inference key):", ""]
+        out += table(["request", "HTTP status", "seconds"], [[k, v["http"], v["s"]] for k, v in sorted(rest.items())])
+        out += [""]
+    token = fig.get("token_renewal", {}).get("torchserve")
+    if token:
+        out += [f"**Token keys** (`torchserve start --token-lifetime-min {token['lifetime_min']}`): after the "
+                f"first keys expired, `query --token-file` {token['query_after_expiry']}, `torchserve status` said "
+                f"\"{token['status_after_expiry']}\", the key file held renewed keys "
+                f"({'yes' if token['key_renewed'] else 'NO'}); the whole test took {token['test_s']} s.", ""]
+    refused = fig.get("refused_payloads", {})
+    if refused:
+        out += ["**Maximum-size refused payloads** (4 clients, 4 MiB and just-under-the-limit JSON batches of "
+                "one-number lists) while one client sends good batch-1 requests:", ""]
+        out += table(["server", "refused (codes)", "good p50 idle ms", "good p50 loaded ms", "good max loaded ms",
+                      "loaded / idle", "RSS idle MB", "RSS peak MB"],
+                     [[s_, ", ".join(f"{c} {n}" for c, n in sorted(r["refused"].items())), r["good_ms_idle_p50"],
+                       r["good_ms_loaded_p50"], r["good_ms_loaded_max"],
+                       f"{r['good_ms_loaded_p50'] / r['good_ms_idle_p50']:.1f}x", r["rss_mb_idle"], r["rss_mb_peak"]]
+                      for s_, r in sorted(refused.items())])
+        out += [""]
+    abandoned = fig.get("abandoned_calls", {})
+    if abandoned:
+        out += ["**Abandoned calls** (max-batch calls with a 1 ms gRPC deadline and `deadline_unix_ms` sent), then "
+                "one good request:", ""]
+        out += table(["server", "calls", "batch", "one such call run (s)", "next request answered after (s)"],
+                     [[s_, r["calls"], r["batch"], r["one_call_run_s"], r["next_request_s"]]
+                      for s_, r in sorted(abandoned.items())])
+        out += [""]
+    if fig.get("checkpoint_writes", {}).get("sigkill_while_writing_the_manifest", {}).get("served_after"):
+        out += ["**Interrupted checkpoint write**: a writer SIGKILLed while writing the manifest (after the new "
+                "tensor file) left the previous checkpoint whole; the embedded server answered from it.", ""]
+    cli = fig.get("cli_errors", {})
+    if cli:
+        out += table(["CLI case", "one line, status 2"], [[k, v] for k, v in sorted(cli.items())])
+    return out or ["Not run."]
+
+
+def agreement(fig: dict) -> list[str]:
+    per = fig.get("agreement", {})
+    if not per:
+        return ["Not run."]
+    cases = sorted({k.split("|")[0] for k in per})
+    return table(["case", *SERVERS], [[c, *[per.get(f"{c}|{s_}", "-") for s_ in SERVERS]] for c in cases])
+
+
 def render(fig: dict, command: str) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(fig.get("generated_unix", 0)))
     tried = sum(s["cases"] for s in fig.get("bad_requests", {}).values())
@@ -141,10 +205,13 @@ def render(fig: dict, command: str) -> str:
         "",
         "Sent as raw `PredictionsRequest`s; each must be refused with an error whose text starts with the field "
         "name, and a good request right after must get the right answer from the same process (for TorchServe, "
-        "from the same worker). Unknown model and version are routed by each server itself: the embedded server "
-        "answers NOT_FOUND, TorchServe 0.12's frontend INTERNAL (`Model not found: …`, `Model version: … does "
-        "not exist …`). A payload over the transport's message limit never reaches our code: grpcio answers "
-        "RESOURCE_EXHAUSTED, TorchServe resets the stream (CANCELLED); both keep serving.",
+        "from the same worker). Unknown model and version: INTERNAL on both servers (TorchServe 0.12's frontend "
+        "answers so, `Model not found: …`, `Model version: … does not exist …`, and the embedded server does the "
+        "same; section 6). A payload over the transport's message limit never reaches our code: grpcio answers "
+        "RESOURCE_EXHAUSTED (its limit is the payload limit plus 64 KiB), TorchServe resets the stream "
+        "(CANCELLED); both keep serving. The payload limit is what the largest valid request can need (batch and "
+        "example shape), at most the configured 4 MiB, and a JSON payload's lists and separators are counted "
+        "before it is parsed.",
         "",
         *bad_requests(fig),
         "",
@@ -164,7 +231,50 @@ def render(fig: dict, command: str) -> str:
         "",
         "## 4. Model files, token auth, binds",
         "",
+        "A manifest is checked against bounds before anything is allocated from it: input shape, members, exits, "
+        "and num_classes / budget_params / in_channels against what the (not yet read) tensor file can hold; a "
+        "finite normalisation with std > 0; the report's structure. A `.mar` member is refused by its declared "
+        "sizes (at most 20x its compressed size) and extraction stops at them.",
+        "",
         *model_files(fig),
+        "",
+        "## 5. Worker health, REST, keys, refused payloads, abandoned calls, checkpoint writes",
+        "",
+        "TorchServe 0.12 sends its worker each request's id, headers and input map, never the command: a gRPC "
+        "`Predictions` and a `StreamPredictions` call look the same to the handler (no headers at all), an HTTP "
+        "request carries its HTTP headers, the management API's describe a `describe: True` header "
+        "(`npas_serve/servers/torchserve/calls.py`). A second message to a unary call makes the frontend throw and "
+        "lose the worker, so the handler answers every TorchServe call with exactly one message. Readiness "
+        "(`torchserve status`, the Docker healthcheck, the Kubernetes startup, readiness and liveness probes) is "
+        "the management API's `GET /models/NAME?customized=true`, which waits in the worker's queue and is "
+        "answered by the handler itself. Token keys live `token_expiration_min` (60 by default); a renewer in "
+        "TorchServe's process group renews each at half its lifetime through the never-expiring API key, and the "
+        "CLI and `Client(token=callable)` read key_file.json for every call. Request bodies reach the handler as "
+        "bytes (`decode_input_request=false`), so their size is checked before anything parses them. TorchServe "
+        "passes no gRPC deadline to its worker: a deadline reaches it only as `deadline_unix_ms` in the request, "
+        "and both servers refuse a request whose deadline has passed (DEADLINE_EXCEEDED) without running it. "
+        "Checkpoints are written into a new directory that replaces the old one in one rename "
+        "(`files.write_dir_atomic`; Linux RENAME_EXCHANGE), the training state included.",
+        "",
+        *hardening(fig),
+        "",
+        "## 6. Where the servers disagreed: one behaviour on both",
+        "",
+        "- `StreamPredictions` sends refined answers only when the request sets `stream` (the embedded server "
+        "used to send them always). Only the embedded server can send them: TorchServe 0.12 does not tell its "
+        "worker which RPC it serves, so there every call gets the final answer alone. Either way the last "
+        "message is the final answer, the same on both; `Predictions` always gets one.",
+        "- `StreamPredictions2`: refused in-band on both, as TorchServe 0.12 does without sequence batching: the "
+        "call is OK and each message carries `status` INTERNAL with the reason.",
+        "- Unknown model or version: INTERNAL (`Model not found: …`) on both, as TorchServe's frontend answers "
+        "before any handler code runs (the embedded server said NOT_FOUND).",
+        "- Knobs of the other mode are refused, not ignored: `exit` or `min_confidence` in ensemble mode, "
+        "`ensemble_size` or more than one member in anytime mode. `true`/`false` among the inputs are refused "
+        "(they were read as 1.0 and 0.0).",
+        "- Over REST, knobs go in the payload or as multipart form fields: TorchServe 0.12 drops the query string "
+        "of `/predictions/...` before its worker sees the request.",
+        "",
+        *agreement(fig),
         "",
     ]
     return "\n".join(lines)

@@ -7,7 +7,8 @@ TorchServe's /ping says Healthy while a worker crash-loops, and its worker list 
 dead process as READY, so readiness is a request the worker itself answers: the management
 API's describe with `customized=true` (launcher.worker_answers), sent with the management key
 TorchServe wrote into RUN_DIR/key_file.json (token auth stays on), with the ports of
-RUN_DIR/config.properties. The embedded server answers the standard gRPC health service,
+RUN_DIR/config.properties. It also renews the token keys when they are past half their
+lifetime (`renewer.renew_due`): in a container nothing else would, and they expire. The embedded server answers the standard gRPC health service,
 which turns NOT_SERVING as soon as it starts draining on SIGTERM.
 """
 from __future__ import annotations
@@ -21,10 +22,14 @@ MODEL = os.environ.get("NPAS_MODEL", "npas")
 
 def torchserve_ready(run_dir: Path, timeout_s: float = 8.0) -> bool:
     from npas_serve.servers.torchserve.launcher import Ports, read_config, worker_answers
+    from npas_serve.servers.torchserve.renewer import renew_due
 
     config = read_config(run_dir)
     ports = config.ports if config else Ports()
     host = "127.0.0.1" if config is None or config.host in ("0.0.0.0", "::", "") else config.host
+    # a container starts TorchServe itself, without the launcher's renewer: the probe, run every
+    # few seconds to minutes, renews the token keys that are past half their lifetime
+    renew_due(run_dir, host, ports.management)
     return worker_answers(run_dir, MODEL, ports, host, timeout_s)
 
 

@@ -34,7 +34,8 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_a_writer_killed_mid_checkpoint_leaves_one_that_is_served(served_checkpoint, tmp_path, pool, reference):
+def test_a_writer_killed_mid_checkpoint_leaves_one_that_is_served(served_checkpoint, tmp_path, pool, reference,
+                                                                   figures):
     ckpt = Path(shutil.copytree(served_checkpoint, tmp_path / "ckpt"))
     done = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(ckpt)], capture_output=True, text=True,
                           timeout=300)
@@ -43,3 +44,4 @@ def test_a_writer_killed_mid_checkpoint_leaves_one_that_is_served(served_checkpo
         reply = raw_predict(server, {"data": encode_request(pool[:3])})
     assert reply.code == "OK", reply
     assert matches(decode_response(reply.prediction), expected_answer(reference, pool[:3]))
+    figures.put("checkpoint_writes", "sigkill_while_writing_the_manifest", {"served_after": True})

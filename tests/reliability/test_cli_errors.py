@@ -4,6 +4,7 @@ Each case runs the real CLI; `serve` cases that get as far as binding start a re
 """
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import time
@@ -19,17 +20,18 @@ def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def assert_one_line(done: subprocess.CompletedProcess, words: str) -> None:
+def assert_one_line(done: subprocess.CompletedProcess, words: str) -> str:
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(("npas-serve: error:", "npas-serve ")) and words in last, done.stderr
+    return re.sub(r"/\S+/", "", last)[:140]
 
 
-def test_a_second_server_on_a_busy_port_fails_instead_of_sharing_it(embedded, served_checkpoint):
+def test_a_second_server_on_a_busy_port_fails_instead_of_sharing_it(embedded, served_checkpoint, figures):
     port = embedded.target.rsplit(":", 1)[1]
     done = cli("serve", str(served_checkpoint), "--grpc-port", port, "--metrics-port", "0")
-    assert_one_line(done, "cannot bind gRPC")
+    figures.put("cli_errors", "serve on a busy gRPC port", assert_one_line(done, "cannot bind gRPC"))
 
 
 def test_serve_on_a_busy_metrics_port_is_one_line(served_checkpoint):

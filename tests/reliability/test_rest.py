@@ -40,10 +40,11 @@ def request_file(tmp_path, pool):
 
 
 @pytest.mark.parametrize("form", ["data=@{}", "data=<{}"])
-def test_multipart_uploads_are_answered(torchserve, pool, reference, request_file, form):
+def test_multipart_uploads_are_answered(torchserve, pool, reference, request_file, form, figures):
     code, body, took = curl(torchserve, "-F", form.format(request_file))
     assert code == 200 and took < 10, (code, body[:200], took)
     assert matches(decode_response(body), expected_answer(reference, pool[:3]))
+    figures.put("rest", f"curl -F '{form.format('request.json')}'", {"http": code, "s": round(took, 2)})
 
 
 def test_a_json_body_is_answered_and_form_field_knobs_apply(torchserve, pool, reference, request_file):
@@ -58,7 +59,7 @@ def test_a_json_body_is_answered_and_form_field_knobs_apply(torchserve, pool, re
     assert code == 400 and b"ensemble_size" in body, body[:200]
 
 
-def test_a_json_body_over_the_limit_is_refused_by_its_size(torchserve, tmp_path):
+def test_a_json_body_over_the_limit_is_refused_by_its_size(torchserve, tmp_path, figures):
     limit = max_payload_bytes((1, 40), 256, 4 * 2**20)
     path = tmp_path / "big.json"
     path.write_bytes(b'{"inputs": [' + b"[[0]], " * (4 * 2**20 // 7) + b"[[0]]]}")
@@ -67,3 +68,4 @@ def test_a_json_body_over_the_limit_is_refused_by_its_size(torchserve, tmp_path)
     message = json.loads(body)["message"]
     assert message.startswith("data:") or message.startswith("body:"), message
     assert "over the limit" in message and str(limit) in message, message
+    figures.put("rest", "4 MiB JSON body", {"http": code, "s": round(took, 2)})

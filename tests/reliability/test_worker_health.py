@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
 
 
-def test_stream_true_in_a_unary_call_costs_no_worker(torchserve, pool, reference):
+def test_stream_true_in_a_unary_call_costs_no_worker(torchserve, pool, reference, figures):
     x = pool[:4]
     workers = worker_pids(torchserve)
     reply = raw_predict(torchserve, {"data": encode_request(x, "json", stream=True)})
@@ -39,9 +39,12 @@ def test_stream_true_in_a_unary_call_costs_no_worker(torchserve, pool, reference
         assert client.predict(x, stream=True, mode="anytime").final
         started = time.monotonic()
         good = client.predict(x, ensemble_size=2)
-        assert time.monotonic() - started < 5
+        took = time.monotonic() - started
+        assert took < 5
     assert matches(good, expected_answer(reference, x, ensemble_size=2))
     assert worker_pids(torchserve) == workers, "a call cost the TorchServe worker"
+    figures.put("worker_health", "stream_true_in_unary_call", {
+        "answer": "one final answer", "next_good_request_s": round(took, 3), "same_worker": True})
 
 
 def probes(run_dir: Path) -> dict[str, subprocess.CompletedProcess]:
@@ -52,7 +55,7 @@ def probes(run_dir: Path) -> dict[str, subprocess.CompletedProcess]:
     return {"status": status, "healthcheck": health}
 
 
-def test_readiness_fails_while_no_worker_can_answer(torchserve):
+def test_readiness_fails_while_no_worker_can_answer(torchserve, figures):
     run_dir, ports, _ = torchserve_run(torchserve)
     assert all(p.returncode == 0 for p in probes(run_dir).values()), probes(run_dir)
     (worker,) = worker_pids(torchserve)
@@ -64,7 +67,12 @@ def test_readiness_fails_while_no_worker_can_answer(torchserve):
         os.kill(worker, signal.SIGCONT)
     assert stopped["status"].returncode == 1 and "NOT READY" in stopped["status"].stdout, stopped["status"]
     assert stopped["healthcheck"].returncode == 1, stopped["healthcheck"]
+    resumed = time.monotonic()
     assert wait_until(lambda: all(p.returncode == 0 for p in probes(run_dir).values()), 60)
+    figures.put("worker_health", "worker_stopped", {
+        "worker_list_said": "READY", "status_exit": stopped["status"].returncode,
+        "healthcheck_exit": stopped["healthcheck"].returncode,
+        "ready_again_s_after_resume": round(time.monotonic() - resumed, 1)})
 
 
 def test_kubernetes_probes_all_ask_the_worker():

@@ -76,19 +76,29 @@ def renew(host: str, port: int, api_key: str, kind: str) -> None:
         resp.read()
 
 
+def renew_due(run_dir: Path, host: str, port: int) -> list[str]:
+    """Renew the keys of the TorchServe in `run_dir` that are due; the kinds renewed.
+
+    Also called by the container healthcheck, where TorchServe runs without this module's loop."""
+    keys = read_keys(run_dir)
+    if keys is None:
+        return []
+    renewed = []
+    for kind in due(keys, lifetime_s(run_dir), time.time()):
+        try:
+            renew(host, port, keys["API"]["key"], kind)
+            renewed.append(kind)
+        except (urllib.error.URLError, OSError) as err:
+            print(f"renewer: renewing the {kind} key failed ({err}); retrying", flush=True)
+    return renewed
+
+
 def main(argv: list[str]) -> int:
     run_dir, host, port = Path(argv[0]), argv[1], int(argv[2])
-    lifetime = lifetime_s(run_dir)
     parent = os.getppid()
     while os.getppid() == parent:          # TorchServe (our parent shell became it) still runs
-        keys = read_keys(run_dir)
-        if keys is not None:
-            for kind in due(keys, lifetime, time.time()):
-                try:
-                    renew(host, port, keys["API"]["key"], kind)
-                    print(f"renewer: renewed the {kind} key", flush=True)
-                except (urllib.error.URLError, OSError) as err:
-                    print(f"renewer: renewing the {kind} key failed ({err}); retrying", flush=True)
+        for kind in renew_due(run_dir, host, port):
+            print(f"renewer: renewed the {kind} key", flush=True)
         time.sleep(POLL_S)
     return 0
 
