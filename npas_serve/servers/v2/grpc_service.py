@@ -8,6 +8,7 @@ response per refined answer (member or exit), the last with `final`, errors in-b
 """
 from __future__ import annotations
 
+import logging
 from importlib import metadata
 from typing import Any, AsyncIterator
 
@@ -21,6 +22,7 @@ from npas_serve.servers.answers import awaited_answers
 from npas_serve.servers.v2.model import SERVER_NAME, Model, ModelNotFound
 from npas_serve.servers.v2.tensors import Tensor, V2Request, outputs, request_fields, response_parameters
 
+log = logging.getLogger(__name__)
 # Triton's decoupled-stream flags: asked for by the client, set on every streamed response
 FINAL_ASKED, FINAL_FLAG = "triton_enable_empty_final_response", "triton_final_response"
 # which typed `contents` field holds a datatype's values (FP16 only travels raw)
@@ -72,6 +74,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 return self._response(answer, v2, None)
         except DeadlineExceeded as err:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        except Exception as err:             # the batch failed (its requests all say so)
+            log.error("ModelInfer %r failed: %r", v2.id, err)
+            await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {err}")
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request's refined answers in order; a failed request is answered in-band, the stream goes on."""
@@ -88,6 +93,9 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                         infer_response=self._response(answer, v2, answer.final if flag else None))
             except DeadlineExceeded as err:
                 yield pb.ModelStreamInferResponse(error_message=str(err))
+            except Exception as err:         # the batch failed; the stream goes on
+                log.error("ModelStreamInfer %r failed: %r", v2.id, err)
+                yield pb.ModelStreamInferResponse(error_message=f"the engine failed: {err}")
 
     # --- translation ----------------------------------------------------------------------------
     def _parse(self, request: pb.ModelInferRequest, stream: bool):
