@@ -270,6 +270,7 @@ def paced(run: Run, sent: int, budget_ms: float, share: float, rate: float) -> d
     other = len(run.failed) - refused
     sizes = [len(r.answer.members_used) for r in answers]
     return {"share_of_capacity": share, "rate_per_s": rate, "budget_ms": budget_ms, "sent": sent,
+            "offered_per_s": len(run.results) / run.wall_s,     # below rate_per_s when every client waits
             "answered": len(answers), "refused": refused, "other_errors": other, "error_codes": codes,
             "lost": sent - len(answers) - len(run.failed),
             "client_within_budget": within, "client_hit_rate": within / sent if sent else 0.0,
@@ -441,14 +442,16 @@ def render(res: dict) -> str:
     out += ["", "**Servers, paced batch-1 load with a budget** (latency_budget_ms = "
             f"{res['config']['budget_factor']:g} x the server's 1-client p50, sent with the matching "
             "deadline_unix_ms; capacity = its best closed-loop batch-1 requests/s)", "",
-            "| server | share of capacity | requests/s | budget ms | sent | answered | within budget at the client "
-            "| refused | other errors | lost | members used (mean) | client p99 ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| server | share of capacity | paced requests/s | offered requests/s | budget ms | sent | answered "
+            "| within budget at the client | refused | other errors | lost | members used (mean) | client p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, sec in res["servers"].items():
         if "skipped" in sec:
             continue
         for p in sec["paced"]:
             cl = p["client_latency"] or {"p99_ms": float("nan")}
-            out.append(f"| {kind} | {p['share_of_capacity']:.0%} | {p['rate_per_s']:.1f} | {p['budget_ms']:.2f} | "
+            out.append(f"| {kind} | {p['share_of_capacity']:.0%} | {p['rate_per_s']:.1f} | {p['offered_per_s']:.1f} | "
+                       f"{p['budget_ms']:.2f} | "
                        f"{p['sent']} | {p['answered']} | {p['client_hit_rate']:.1%} | {p['refused']} | "
                        f"{p['other_errors']} | {p['lost']} | {p['members_used_mean']:.2f} | {cl['p99_ms']:.2f} |")
     return "\n".join(out)

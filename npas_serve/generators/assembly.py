@@ -60,12 +60,12 @@ class AssemblyPlan:
 
 def plan_assembly(slot_ids: Sequence[int], slot_shapes: Sequence[tuple[int, ...]], slot_group: Sequence[int],
                   slot_width: Sequence[int], banks: Sequence, rows: Sequence[dict[int, int]],
-                  num_rows: Sequence[int]) -> AssemblyPlan:
+                  num_rows: Sequence[int], device: torch.device | None = None) -> AssemblyPlan:
     """The plan for `slot_ids`: per group, its buffer, each width's rows and blocks, each slot's crop.
 
     `banks` are the generator's (group, width) banks (``group``, ``width``, ``in_shape``,
     ``out_shape``); `rows[b]` maps a slot to its coefficient row in bank `b`, and
-    `num_rows[b]` is that bank's row count.
+    `num_rows[b]` is that bank's row count; row numbers that need an index live on `device`.
     """
     by_group: dict[int, list[int]] = {}
     for pos, slot in enumerate(slot_ids):
@@ -83,7 +83,7 @@ def plan_assembly(slot_ids: Sequence[int], slot_shapes: Sequence[tuple[int, ...]
             for w in range(top + 1):
                 b = bank_of[g, w]
                 users = [slot_ids[p] for p in order if slot_width[slot_ids[p]] >= w]
-                widths.append(WidthStep(b, _rows([rows[b][s] for s in users], num_rows[b]),
+                widths.append(WidthStep(b, _rows([rows[b][s] for s in users], num_rows[b], device),
                                         _blocks(len(users), chain, w, kernel)))
             outputs = []
             for r, p in enumerate(order):
@@ -103,12 +103,12 @@ def _chain(banks: Sequence) -> list[tuple[int, ...]]:
     return chain
 
 
-def _rows(rows: list[int], total: int) -> slice | torch.Tensor | None:
+def _rows(rows: list[int], total: int, device: torch.device | None) -> slice | torch.Tensor | None:
     if rows == list(range(total)):
         return None
     if rows == list(range(rows[0], rows[0] + len(rows))):
         return slice(rows[0], rows[0] + len(rows))
-    return torch.tensor(rows)
+    return torch.tensor(rows, device=device)
 
 
 def _blocks(users: int, chain: list[tuple[int, ...]], w: int, kernel: tuple[int, ...]) -> tuple[Block, ...]:
@@ -139,8 +139,7 @@ def run_assembly(plan: AssemblyPlan, coefficients: Callable[[int], torch.Tensor]
         for step in group.widths:
             coeffs = coefficients(step.bank)
             if step.rows is not None:
-                coeffs = coeffs[step.rows] if isinstance(step.rows, slice) else coeffs.index_select(
-                    0, step.rows if step.rows.device == coeffs.device else step.rows.to(coeffs.device))
+                coeffs = coeffs[step.rows] if isinstance(step.rows, slice) else coeffs.index_select(0, step.rows)
             made = torch.mm(coeffs, templates(step.bank))
             if group.single:
                 buffer = made.view(group.shape)

@@ -174,7 +174,7 @@ class SuperWeights(WeightGenerator):
         for b, bank in enumerate(self._banks):
             for slot in bank.users:
                 self._pieces[slot].append((b, rows[b][slot]))
-        self._plans: dict[tuple[int, ...], AssemblyPlan] = {}
+        self._plans: dict[tuple[tuple[int, ...], torch.device], AssemblyPlan] = {}
 
     def split_coefficients(self, coefficient_ids: Sequence[int]) -> dict[nn.Parameter, torch.Tensor]:
         """Refine the coefficient classes; every new row starts as a copy of the row it splits from.
@@ -229,20 +229,21 @@ class SuperWeights(WeightGenerator):
         k = [c.shape[1] for c in self.coefficients]
         return {"pooled": float(self.pooled), "mean_templates": sum(k) / len(k), "min_templates": float(min(k))}
 
-    def _plan(self, slot_ids: tuple[int, ...]) -> AssemblyPlan:
-        """Which rows of which bank, written where (cached: same slots, same plan)."""
-        plan = self._plans.get(slot_ids)
+    def _plan(self, slot_ids: tuple[int, ...], device: torch.device) -> AssemblyPlan:
+        """Which rows of which bank, written where (cached: same slots and device, same plan)."""
+        plan = self._plans.get((slot_ids, device))
         if plan is None:
-            plan = self._plans[slot_ids] = plan_assembly(
+            plan = self._plans[slot_ids, device] = plan_assembly(
                 slot_ids, [s.shape for s in self.slots], self.groups, self._width, self._banks, self._rows(),
-                [c.shape[0] for c in self.coefficients])
+                [c.shape[0] for c in self.coefficients], device)
         return plan
 
     def generate(self, slot_ids: Sequence[int]) -> list[torch.Tensor]:
         # One product per bank for every slot asked for at once, written into one buffer per group
         # (npas_serve/generators/assembly.py): a call costs a few operations per bank, not per layer.
         coefficients = self.coefficients._parameters     # indexing a ParameterList goes through getattr
-        return run_assembly(self._plan(tuple(slot_ids)), lambda b: coefficients[str(b)], self.templates)
+        plan = self._plan(tuple(slot_ids), coefficients["0"].device)
+        return run_assembly(plan, lambda b: coefficients[str(b)], self.templates)
 
 
 def pooled_windows(numel: int, size: int, max_templates: int = 8) -> torch.Tensor:

@@ -115,6 +115,7 @@ def test_servers_answered_and_figures_add_up(quick):
         assert [p["share_of_capacity"] for p in sec["paced"]] == res["config"]["paced_shares"]
         for p in sec["paced"]:
             assert math.isclose(p["rate_per_s"], p["share_of_capacity"] * sec["capacity_req_s"])
+            assert p["offered_per_s"] > 0
             assert p["sent"] == p["answered"] + p["refused"] + p["other_errors"] + p["lost"]
             assert p["client_hit_rate"] == p["client_within_budget"] / p["sent"] and p["lost"] == 0
 

@@ -93,7 +93,7 @@ def test_plans_hold_no_index_of_weight_size(family):
     gen = family.generator
     every = [s for ids in stage_calls(family) for s in ids]
     gen.generate(every)
-    plan = gen._plans[tuple(every)]
+    plan = gen._plans[tuple(every), torch.device("cpu")]
     assert isinstance(plan, AssemblyPlan)
     held = sum(w.rows.numel() for g in plan.groups for w in g.widths if isinstance(w.rows, torch.Tensor))
     assert held <= len(every) * len(gen._banks)      # at most one row number per (slot, bank)
