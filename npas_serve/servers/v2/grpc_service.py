@@ -4,10 +4,12 @@ The messages and the servicer base are the stubs `tritonclient` ships, so the wi
 exactly the one Triton's and KServe's clients speak. Each RPC only translates
 (`tensors`) and hands the request to the same `Engine.parse` and engine queue the
 TorchServe API uses. `ModelStreamInfer` answers like a Triton decoupled model: one
-response per refined answer (member or exit), the last with `final`, errors in-band.
+response per refined answer (member or exit), the last with `final`, errors in-band, and the
+requests of one stream run concurrently.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from importlib import metadata
 from typing import Any, AsyncIterator
@@ -79,23 +81,51 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {err}")
 
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Each request's refined answers in order; a failed request is answered in-band, the stream goes on."""
-        async for request in request_iterator:
+        """Every request on the stream runs at once, as on Triton (so they can share batches): each one's
+        refined answers go out as they exist, in order per request (ids tell requests apart); a failed
+        request is answered in-band and the stream goes on. A call that ends drops the work left."""
+        out: asyncio.Queue = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def answer(request) -> None:
+            async for response in self._stream_responses(request):
+                out.put_nowait(response)
+
+        async def read() -> None:
             try:
-                v2, req = self._parse(request, stream=True)
-            except RequestError as err:
-                yield pb.ModelStreamInferResponse(error_message=f"{err.field}: {err}")
-                continue
-            flag = _value(request.parameters[FINAL_ASKED]) if FINAL_ASKED in request.parameters else False
-            try:
-                async for answer in awaited_answers(self.engine, req, intermediate=True):
-                    yield pb.ModelStreamInferResponse(
-                        infer_response=self._response(answer, v2, answer.final if flag else None))
-            except DeadlineExceeded as err:
-                yield pb.ModelStreamInferResponse(error_message=str(err))
-            except Exception as err:         # the batch failed; the stream goes on
-                log.error("ModelStreamInfer %r failed: %r", v2.id, err)
-                yield pb.ModelStreamInferResponse(error_message=f"the engine failed: {err}")
+                async for request in request_iterator:
+                    task = asyncio.create_task(answer(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                out.put_nowait(None)         # the stream's end
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await out.get()) is not None:
+                yield response
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+
+    async def _stream_responses(self, request) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One streamed request's responses: its answers, or the error that ended it."""
+        try:
+            v2, req = self._parse(request, stream=True)
+        except RequestError as err:
+            yield pb.ModelStreamInferResponse(error_message=f"{err.field}: {err}")
+            return
+        flag = _value(request.parameters[FINAL_ASKED]) if FINAL_ASKED in request.parameters else False
+        try:
+            async for answer in awaited_answers(self.engine, req, intermediate=True):
+                yield pb.ModelStreamInferResponse(
+                    infer_response=self._response(answer, v2, answer.final if flag else None))
+        except DeadlineExceeded as err:
+            yield pb.ModelStreamInferResponse(error_message=str(err))
+        except Exception as err:             # the batch failed; the stream goes on
+            log.error("ModelStreamInfer %r failed: %r", v2.id, err)
+            yield pb.ModelStreamInferResponse(error_message=f"the engine failed: {err}")
 
     # --- translation ----------------------------------------------------------------------------
     def _parse(self, request: pb.ModelInferRequest, stream: bool):
