@@ -1,0 +1,108 @@
+"""Requests run together: each member once per batch, each request its own answers, leaving when it is done."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from npas_serve.engine import Cancelled, Engine, EngineConfig
+from npas_serve.protocol import InferenceRequest
+
+
+@pytest.fixture(scope="module")
+def engine(served_checkpoint):
+    return Engine.load(served_checkpoint, EngineConfig(warmup_batch_sizes=(1, 4)))
+
+
+def mixed(names: list[str]) -> list[tuple[InferenceRequest, bool]]:
+    """(request, streamed): ensemble sizes, explicit members, anytime exits, min_confidence, roomy budgets."""
+    rng = np.random.default_rng(7)
+    x = lambda n: rng.normal(size=(n, 1, 40)).astype(np.float32)  # noqa: E731
+    requests = [
+        (InferenceRequest(inputs=x(2), ensemble_size=1, request_id="e1"), False),
+        (InferenceRequest(inputs=x(1), request_id="e-all"), True),
+        (InferenceRequest(inputs=x(3), members=(names[-1], names[0]), request_id="e-members"), True),
+        (InferenceRequest(inputs=x(1), mode="anytime", request_id="a-all"), True),
+        (InferenceRequest(inputs=x(2), mode="anytime", exit=0, request_id="a-0"), False),
+        (InferenceRequest(inputs=x(1), mode="anytime", members=(names[1],), exit=1, request_id="a-m1"), True),
+        (InferenceRequest(inputs=x(4), mode="anytime", min_confidence=0.0, request_id="a-conf"), False),
+        (InferenceRequest(inputs=x(1), budget_ms=30_000, request_id="budget"), False),
+    ]
+    return requests
+
+
+def collect(engine, pairs, hold: threading.Event | None = None):
+    """Submit all at once (one batch), return each request's answers."""
+    boxes = [[] for _ in pairs]
+    runs = engine.submit([r for r, _ in pairs], [box.append for box in boxes], [s for _, s in pairs])
+    end = time.monotonic() + 60
+    while not all(r.done for r in runs) and time.monotonic() < end:
+        time.sleep(0.005)
+    assert all(r.done for r in runs)
+    return boxes, runs
+
+
+def test_requests_batched_together_get_the_answers_they_get_alone(engine):
+    pairs = mixed(engine.names)
+    alone = [collect(engine, [p])[0][0] for p in pairs]
+    together, runs = collect(engine, pairs)
+    assert {r.batch_examples for r in runs} == {sum(r.examples for r in runs)}     # one batch, all of them
+    for got, expected in zip(together, alone):
+        assert [a.final for a in got] == [a.final for a in expected] and got[-1].final
+        for a, b in zip(got, expected):
+            # under a budget the planner ranks members by accuracy per predicted ms, which moves with the batch
+            order = sorted if a.budget_ms is not None else list
+            assert (a.request_id, order(a.members_used), a.exit_reached, order(a.plan), a.predictions) == \
+                   (b.request_id, order(b.members_used), b.exit_reached, order(b.plan), b.predictions)
+            np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+
+
+def test_each_member_stage_is_generated_once_per_batch(engine, monkeypatch):
+    calls = []           # every (member, stage) whose weights are generated, one by one or several at once
+    one, several = engine.family.stage_weights, engine.family.steps_weights
+    monkeypatch.setattr(engine.family, "stage_weights", lambda m, s: calls.append((m, s)) or one(m, s))
+    monkeypatch.setattr(engine.family, "steps_weights", lambda steps: calls.extend(steps) or several(steps))
+    x = np.zeros((1, 1, 40), np.float32)
+    collect(engine, [(InferenceRequest(inputs=x, request_id=str(i)), False) for i in range(12)])
+    assert sorted(calls) == sorted({(m, s) for m in range(len(engine.names)) for s in range(engine.num_exits)})
+
+
+def test_anytime_requests_leave_at_their_exit_and_the_rest_go_on(engine):
+    x = np.zeros((1, 1, 40), np.float32)
+    (shallow, deep), runs = collect(engine, [(InferenceRequest(inputs=x, mode="anytime", exit=0), True),
+                                             (InferenceRequest(inputs=x, mode="anytime"), True)])
+    assert [a.exit_reached for a in shallow] == [0] and shallow[0].final
+    assert [a.exit_reached for a in deep] == list(range(engine.num_exits))
+    assert runs[0].generation_s < runs[1].generation_s       # it stopped costing when it left
+
+
+def test_a_request_cancelled_mid_batch_is_dropped_and_the_others_answered(engine):
+    x = np.zeros((1, 1, 40), np.float32)
+    holder, ready = [], threading.Event()
+
+    def cancel_after_first(item):
+        gone.append(item)
+        ready.wait(5)
+        holder[0].cancel()                   # the caller gives up after its first refined answer
+
+    gone, kept = [], []
+    holder += engine.submit([InferenceRequest(inputs=x), InferenceRequest(inputs=x)],
+                            [cancel_after_first, kept.append], intermediate=True)
+    ready.set()
+    end = time.monotonic() + 30
+    while not all(r.done for r in holder) and time.monotonic() < end:
+        time.sleep(0.005)
+    assert len(gone) == 2 and isinstance(gone[-1], Cancelled)
+    assert len(holder[0].members_run) == 1
+    assert kept[-1].final and len(kept[-1].members_used) == len(engine.names)
+
+
+def test_the_plan_counts_the_queue_ahead(engine, monkeypatch):
+    """A budget the whole ensemble fits alone, but not after the predicted wait: fewer members."""
+    x = np.zeros((1, 1, 40), np.float32)
+    whole = engine.cost.member_ms(0, 1) * len(engine.names) * 4
+    assert len(engine.answer(InferenceRequest(inputs=x, budget_ms=whole)).members_used) == len(engine.names)
+    monkeypatch.setattr(engine.scheduler, "expected_wait_ms", lambda examples: whole * 0.9)
+    assert len(engine.answer(InferenceRequest(inputs=x, budget_ms=whole)).members_used) == 1
