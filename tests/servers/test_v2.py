@@ -124,6 +124,23 @@ def test_stream_infer_is_decoupled_one_response_per_exit(embedded, examples):
     assert [p["final"] for p in by_id["c"]] == [False, True] and "triton_final_response" not in by_id["c"][-1]
 
 
+def test_a_cancelled_stream_leaves_the_server_serving(embedded, examples):
+    x, _ = examples
+    big = np.repeat(x, 16, axis=0)                       # (128, 40): work still queued when cancelled
+    client = tgrpc.InferenceServerClient(embedded.target)
+    client.start_stream(callback=lambda result, error: None)
+    tensor = tgrpc.InferInput("inputs", list(big.shape), "FP32")
+    tensor.set_data_from_numpy(big)
+    for i in range(6):
+        client.async_stream_infer("npas", [tensor], request_id=f"r{i}")
+    client.stop_stream(cancel_requests=True)
+    try:
+        assert client.is_server_ready()
+        assert infer(tgrpc, client, x, ensemble_size=1).as_numpy("predictions").shape == (len(x),)
+    finally:
+        client.close()
+
+
 BAD = [  # (what, infer kwargs, inputs, field named, gRPC status, HTTP status)
     ("wrong datatype", {"datatype": "BOOL"}, np.zeros((2, 40), bool), "datatype", "INVALID_ARGUMENT", "400"),
     ("wrong shape", {}, np.zeros((2, 41), np.float32), "inputs", "INVALID_ARGUMENT", "400"),
