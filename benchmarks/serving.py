@@ -246,7 +246,8 @@ def closed_loop(run: Run, batch: int, clients: int) -> dict:
     ok = len(run.answered)
     ms = [r.latency_ms for r in run.answered]
     out = {"batch": batch, "clients": clients, "requests": ok, "errors": len(run.failed),
-           "error_codes": _codes(run), "wall_s": run.wall_s, "requests_per_s": ok / run.wall_s,
+           "error_codes": _codes(run), "error_examples": _examples(run), "wall_s": run.wall_s,
+           "requests_per_s": ok / run.wall_s,
            "examples_per_s": ok * batch / run.wall_s, "client_latency": summary(ms) if ms else None}
     if ms:     # Little's law: with `clients` always waiting, the mean latency is clients / throughput
         out["little_mean_ms"] = clients / out["requests_per_s"] * 1000
@@ -262,6 +263,14 @@ def _codes(run: Run) -> dict[str, int]:
     return codes
 
 
+def _examples(run: Run) -> dict[str, str]:
+    """The first message of each error code, so a run's errors can be read, not only counted."""
+    out: dict[str, str] = {}
+    for r in run.failed:
+        out.setdefault(getattr(r.error, "code", type(r.error).__name__), str(r.error)[:200])
+    return out
+
+
 def paced(run: Run, sent: int, budget_ms: float, share: float, rate: float) -> dict:
     answers = [r for r in run.answered]
     within = sum(1 for r in answers if r.latency_ms <= budget_ms)
@@ -272,6 +281,7 @@ def paced(run: Run, sent: int, budget_ms: float, share: float, rate: float) -> d
     return {"share_of_capacity": share, "rate_per_s": rate, "budget_ms": budget_ms, "sent": sent,
             "offered_per_s": len(run.results) / run.wall_s,     # below rate_per_s when every client waits
             "answered": len(answers), "refused": refused, "other_errors": other, "error_codes": codes,
+            "error_examples": _examples(run),
             "lost": sent - len(answers) - len(run.failed),
             "client_within_budget": within, "client_hit_rate": within / sent if sent else 0.0,
             "engine_budget_met": sum(1 for r in answers if r.answer.budget_met),
