@@ -4,7 +4,7 @@
 
 One `npas-serve serve` process; the same load generator (tests/support/loadgen.py) sends the
 same batch-1 full-ensemble requests from `--clients` threads over TorchServe's gRPC API (npas
-Client) and over v2's `ModelInfer` (tritonclient.grpc, unmodified). The two alternate round by
+Client, protobuf payload by default: raw bytes, as v2's tensors travel) and over v2's `ModelInfer` (tritonclient.grpc, unmodified). The two alternate round by
 round (AB, BA, ...) so that drift from other work on the machine hits both; the ratio is v2's
 requests/s over TorchServe-API's, summed over the rounds. The load average is recorded at the
 start and end: on a shared machine it says how much the figures can be trusted.
@@ -36,20 +36,24 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="requests per round and protocol (default 400)")
     p.add_argument("--rounds", type=int, default=None, help="AB rounds (default 4; quick 1)")
     p.add_argument("--threads", type=int, default=1, help="the server's torch intra-op threads (default: 1)")
+    p.add_argument("--fmt", choices=("protobuf", "json"), default="protobuf",
+                   help="TorchServe-API payload format (default: %(default)s: raw bytes, as v2's tensors travel)")
     args = p.parse_args(argv)
     args.requests = args.requests or (24 if args.quick else 400)
     args.rounds = args.rounds or (1 if args.quick else 4)
     return args
 
 
-def compare(target: str, x: np.ndarray, knobs: dict, clients: int, requests: int, rounds: int) -> dict:
+def compare(target: str, x: np.ndarray, knobs: dict, clients: int, requests: int, rounds: int,
+            fmt: str = "protobuf") -> dict:
     """Rounds of both protocols in alternating order; per protocol its runs and the totals."""
+    call = Call(x, fmt=fmt, knobs=knobs)            # v2 ignores fmt: its tensors are raw bytes
     for protocol in PROTOCOLS:                      # warm the server, the channels and both paths
-        run_load(target, None, [Call(x, knobs=knobs)] * clients * 2, clients, protocol=protocol)
+        run_load(target, None, [call] * clients * 2, clients, protocol=protocol)
     runs: dict[str, list] = {p: [] for p in PROTOCOLS}
     for r in range(rounds):
         for protocol in (PROTOCOLS if r % 2 == 0 else PROTOCOLS[::-1]):
-            run = run_load(target, None, [Call(x, knobs=knobs)] * requests, clients, protocol=protocol)
+            run = run_load(target, None, [call] * requests, clients, protocol=protocol)
             runs[protocol].append({"round": r, "requests": len(run.answered), "errors": len(run.failed),
                                    "wall_s": round(run.wall_s, 3),
                                    "requests_per_s": round(len(run.answered) / run.wall_s, 2),
@@ -68,10 +72,11 @@ def main(argv=None) -> int:
     knobs = {"ensemble_size": len(manifest["member_names"])}
     load_start = os.getloadavg()
     with launch.running_embedded(args.checkpoint, env) as server:
-        result = compare(server.target, x, knobs, args.clients, args.requests, args.rounds)
+        result = compare(server.target, x, knobs, args.clients, args.requests, args.rounds, args.fmt)
     errors = sum(r["errors"] for runs in result["runs"].values() for r in runs)
     report = {"command": " ".join(["benchmarks/v2.py", *(argv if argv is not None else sys.argv[1:])]),
               "checkpoint": str(args.checkpoint), "clients": args.clients, "batch": 1, "knobs": knobs,
+              "torchserve_fmt": args.fmt,
               "rounds": args.rounds, "requests_per_round": args.requests, "nproc": os.cpu_count(),
               "loadavg_start": [round(v, 2) for v in load_start],
               "loadavg_end": [round(v, 2) for v in os.getloadavg()], **result, "errors": errors,
