@@ -378,15 +378,16 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for kind, sec in res["servers"].items():
+    for color, (kind, sec) in zip(("C0", "C1"), res["servers"].items()):
         if "skipped" in sec:
             continue
         c = [r["clients"] for r in sec["batch1"]]
-        left.plot(c, [r["examples_per_s"] for r in sec["batch1"]], "o-", label=f"{kind}, batch 1")
+        left.plot(c, [r["examples_per_s"] for r in sec["batch1"]], "o-", color=color, label=f"{kind}, batch 1")
         left.plot([r["clients"] for r in sec["batch32"]], [r["examples_per_s"] for r in sec["batch32"]], "s--",
-                  label=f"{kind}, batch 32")
-        right.plot(c, [r["client_latency"]["median_ms"] for r in sec["batch1"]], "o-", label=f"{kind} p50")
-        right.plot(c, [r["client_latency"]["p99_ms"] for r in sec["batch1"]], "x:", label=f"{kind} p99")
+                  color=color, label=f"{kind}, batch 32")
+        right.plot(c, [r["client_latency"]["median_ms"] for r in sec["batch1"]], "o-", color=color,
+                   label=f"{kind} p50")
+        right.plot(c, [r["client_latency"]["p99_ms"] for r in sec["batch1"]], "x:", color=color, label=f"{kind} p99")
     left.axhline(res["latency"]["ceiling"]["examples_per_s"], color="k", lw=0.8,
                  label="in-process pre-built, batch 32")
     for ax, ylabel in ((left, "examples/s"), (right, "client latency, ms (batch 1)")):
