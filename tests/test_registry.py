@@ -9,7 +9,7 @@ def test_builtins_are_registered_on_import():
     assert "superweights" in registry.names("generator")
     assert {"shape", "random"} <= set(registry.names("grouping"))
     assert {"mnist1d", "digits", "npz"} <= set(registry.names("dataset"))
-    assert registry.names("family", "mnist1d-*") == ["mnist1d-resnet", "mnist1d-resnet-tiny"]
+    assert registry.names("family", "mnist1d-*") == ["mnist1d-resnet", "mnist1d-resnet-bench", "mnist1d-resnet-tiny"]
 
 
 @pytest.mark.parametrize("kind", ["family", "generator", "grouping", "dataset"])
