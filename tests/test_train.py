@@ -49,17 +49,18 @@ def test_training_is_deterministic_on_cpu(tmp_path, small_npz):
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, small_npz, monkeypatch):
     fit(tmp_path / "straight", small_npz, epochs=2)
 
-    save = run.save_train_state
+    save = run.save_checkpoint
+    saved = []
 
-    def save_then_die(directory, optimizer, epoch, cfg, losses):
-        save(directory, optimizer, epoch, cfg, losses)
-        if epoch == 1:
+    def save_then_die(*args, **kwargs):
+        saved.append(save(*args, **kwargs))
+        if len(saved) == 1:
             raise KeyboardInterrupt   # the run is killed right after its first checkpoint
 
-    monkeypatch.setattr(run, "save_train_state", save_then_die)
+    monkeypatch.setattr(run, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path / "resumed", small_npz, epochs=2)
-    monkeypatch.setattr(run, "save_train_state", save)
+    monkeypatch.setattr(run, "save_checkpoint", save)
     assert json.loads((tmp_path / "resumed" / TRAIN_META).read_text())["epoch"] == 1
     assert sha256_file(tmp_path / "resumed" / TENSORS) != sha256_file(tmp_path / "straight" / TENSORS)
 
