@@ -101,6 +101,14 @@ class Client:
     def _call(self, method, request):
         import grpc
 
+        metadata = self._metadata
+        try:
+            return method(request, timeout=self.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            denied = exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+            if not (denied and callable(self._token) and self._metadata != metadata):
+                raise ClientError(exc.code().name, exc.details() or "") from None
+        # the key was renewed between reading it and the server checking it: once more with the new one
         try:
             return method(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:

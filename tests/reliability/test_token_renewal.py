@@ -49,7 +49,9 @@ def test_the_cli_still_answers_after_the_keys_first_lifetime(served_checkpoint, 
         assert deadline - time.time() < LIFETIME_MIN * 60 + 1
         assert wait_until(lambda: time.time() > deadline + 1, LIFETIME_MIN * 60 + 5)
         answered = subprocess.run(query, capture_output=True, text=True, timeout=60)
-        assert answered.returncode == 0 and "final: predictions" in answered.stdout, answered.stderr
+        log = (run_dir / "logs" / "launcher.log").read_text(errors="replace")
+        renewals = [line for line in log.splitlines() if line.startswith("renewer:")]
+        assert answered.returncode == 0 and "final: predictions" in answered.stdout, (answered.stderr, renewals)
         status = subprocess.run([*CLI, "torchserve", "status", *run], capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "a worker answers" in status.stdout, status.stdout + status.stderr
         renewed = json.loads((run_dir / KEY_FILE).read_text())
