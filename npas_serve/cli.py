@@ -241,7 +241,8 @@ def _engine_config(args: argparse.Namespace):
 
     _check_device(args.device)
     return EngineConfig(device=args.device, cache_bytes=args.cache_bytes, max_batch=args.max_batch,
-                        model_name=args.name, freeze=args.freeze, trust_code=args.trust_code)
+                        model_name=args.name, freeze=args.freeze, trust_code=args.trust_code,
+                        batch_examples=args.batch_examples, batch_delay_ms=args.batch_delay_ms, threads=args.threads)
 
 
 def _add_engine_flags(p) -> None:
@@ -250,6 +251,12 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--cache-bytes", type=_non_negative_int, default=0,
                    help="LRU cache of generated weights, in bytes; 0 keeps only the shared parameters")
     p.add_argument("--max-batch", type=_positive_int, default=256, help="largest batch a request may carry")
+    p.add_argument("--batch-examples", type=_positive_int, default=256,
+                   help="most examples the engine runs as one batch across requests (default: %(default)s)")
+    p.add_argument("--batch-delay-ms", type=_non_negative_int, default=0,
+                   help="wait up to this long for a batch to fill; 0 runs what is queued at once (default)")
+    p.add_argument("--threads", type=_non_negative_int, default=1,
+                   help="torch intra-op threads; 1 (default) is fastest under load, 0 keeps torch's default")
     p.add_argument("--freeze", action="store_true",
                    help="generate every member's weights once at load and serve plain modules "
                         "(faster; holds all generated weights instead of only the shared parameters)")
@@ -262,6 +269,10 @@ def _add_archive(sub) -> None:
     p.add_argument("dir", type=Path, help="checkpoint directory")
     p.add_argument("--model-store", type=Path, default=Path("model_store"))
     p.add_argument("--version", default="1")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="TorchServe's batch: calls handed to the worker at once (default: 32)")
+    p.add_argument("--max-batch-delay-ms", type=_non_negative_int, default=None,
+                   help="TorchServe waits up to this long for its batch to fill (default: 2)")
     _add_engine_flags(p)
     p.set_defaults(run=_archive)
 
@@ -269,8 +280,10 @@ def _add_archive(sub) -> None:
 def _archive(args: argparse.Namespace) -> int:
     from npas_serve.servers.torchserve.archive import build_archive
 
+    batching = {k: v for k, v in (("batch_size", args.batch_size),
+                                  ("max_batch_delay_ms", args.max_batch_delay_ms)) if v is not None}
     target = build_archive(args.dir, args.name, args.model_store, args.version, _engine_config(args),
-                           trust_code=args.trust_code)
+                           trust_code=args.trust_code, **batching)
     print(f"archive -> {target}")
     return 0
 

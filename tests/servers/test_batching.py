@@ -5,6 +5,7 @@ worker its own batches). Every loop is bounded and every server is on loopback.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.request
@@ -153,3 +154,20 @@ def test_cancelled_calls_stop_costing(embedded):
         assert threads(pid) <= idle_threads                    # no thread left behind per call
         assert spent < 0.25 * 200 * one, (spent, one)          # most of the work was never done
         assert stub.Predictions(message, timeout=120).prediction   # and it still serves
+
+
+def test_the_archive_declares_torchserve_batching(served_checkpoint, tmp_path):
+    import zipfile
+
+    from npas_serve.cli import main
+    from npas_serve.servers.torchserve.archive import BATCH_SIZE, MODEL_CONFIG
+
+    assert BATCH_SIZE > 1
+    assert main(["archive", str(served_checkpoint), "--model-store", str(tmp_path), "--batch-size", "8",
+                 "--max-batch-delay-ms", "3", "--batch-delay-ms", "1", "--threads", "2"]) == 0
+    with zipfile.ZipFile(tmp_path / "npas.mar") as mar:
+        names = {n.rsplit("/", 1)[-1]: n for n in mar.namelist()}
+        model_config = mar.read(names[MODEL_CONFIG]).decode()
+        engine_config = json.loads(mar.read(names["npas_config.json"]))
+    assert "batchSize: 8" in model_config.splitlines() and "maxBatchDelay: 3" in model_config.splitlines()
+    assert (engine_config["batch_delay_ms"], engine_config["threads"]) == (1, 2)
