@@ -273,6 +273,10 @@ def render(fig: dict, command: str) -> str:
         "(they were read as 1.0 and 0.0).",
         "- Over REST, knobs go in the payload or as multipart form fields: TorchServe 0.12 drops the query string "
         "of `/predictions/...` before its worker sees the request.",
+        "- Still different: a request refused while it shares a TorchServe batch with others (archives batch, "
+        "`batchSize` 32) reaches a raw gRPC client as an OK reply holding `{\"error\", \"field\"}`, because "
+        "TorchServe 0.12's gRPC frontend drops a per-request status (HTTP clients get it); `Client` raises it as "
+        "INVALID_ARGUMENT, and a refused request alone in its batch is INVALID_ARGUMENT on both servers.",
         "",
         *agreement(fig),
         "",
