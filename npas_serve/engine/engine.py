@@ -11,6 +11,7 @@ after each step unless the optional byte-bounded cache keeps them.
 """
 from __future__ import annotations
 
+import logging
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from npas_serve.family import Family
 from npas_serve.protocol.request import InferenceRequest, RequestError, RequestLimits, parse_request
 from npas_serve.protocol.response import InferenceResponse
 
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
@@ -195,8 +198,12 @@ class Engine:
             run.plan = self.planner.ensemble(batch, request.ensemble_size, members, budget)
 
     def _notify(self, observation: Observation) -> None:
+        """Observers run on the device thread: one that fails is logged, never the batch's failure."""
         for observer in self._observers:
-            observer(observation)
+            try:
+                observer(observation)
+            except Exception:
+                log.exception("an observer failed on %s", observation)
 
     # --- warm-up ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -123,17 +123,21 @@ class RequestRun:
         if self.done:
             return
         self.last = answer
-        if self.deliver is not None:
-            self.deliver(answer)
-        if answer.final:
-            self._end("ok")
+        try:
+            if self.deliver is not None:
+                self.deliver(answer)
+        finally:                    # it ends even when its caller's delivery fails
+            if answer.final:
+                self._end("ok")
 
     def fail(self, error: BaseException, status: str) -> None:
         if self.done:
             return
-        if self.deliver is not None:
-            self.deliver(error)
-        self._end(status)
+        try:
+            if self.deliver is not None:
+                self.deliver(error)
+        finally:
+            self._end(status)
 
     def _end(self, status: str) -> None:
         self.done = True

@@ -13,11 +13,14 @@ that goes first), which the engine counts as time already spent when it plans.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from typing import Callable, Sequence
 
 from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
+
+log = logging.getLogger(__name__)
 
 
 class BatchScheduler:
@@ -86,12 +89,15 @@ class BatchScheduler:
                 batch, dropped = self._take()
                 now = time.perf_counter()
                 self._busy_until = now + (self.estimate_ms(batch) / 1000 if batch else 0.0)
-            for run in dropped:             # callbacks outside the lock
-                if run.cancelled:
-                    run.fail(Cancelled("the call was cancelled while queued"), "cancelled")
-                else:
-                    run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed while the request was "
-                                              "queued; nothing was computed"), "deadline")
+            for run in dropped:             # callbacks outside the lock; a failing one must not stop the device
+                try:
+                    if run.cancelled:
+                        run.fail(Cancelled("the call was cancelled while queued"), "cancelled")
+                    else:
+                        run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed while the request was "
+                                                  "queued; nothing was computed"), "deadline")
+                except Exception:
+                    log.exception("dropping a request failed")
             if not batch:
                 continue
             examples = sum(r.examples for r in batch)
@@ -100,8 +106,12 @@ class BatchScheduler:
             try:
                 self.execute(batch)
             except BaseException as err:    # the batch failed as a whole: every request in it says so
+                log.exception("a batch of %d requests failed", len(batch))
                 for run in batch:
-                    run.fail(err, "error")
+                    try:
+                        run.fail(err, "error")
+                    except Exception:
+                        log.exception("failing a request failed")
             finally:
                 self.batches += 1
                 with self._cond:

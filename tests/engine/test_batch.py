@@ -106,3 +106,15 @@ def test_the_plan_counts_the_queue_ahead(engine, monkeypatch):
     assert len(engine.answer(InferenceRequest(inputs=x, budget_ms=whole)).members_used) == len(engine.names)
     monkeypatch.setattr(engine.scheduler, "expected_wait_ms", lambda examples: whole * 0.9)
     assert len(engine.answer(InferenceRequest(inputs=x, budget_ms=whole)).members_used) == 1
+
+
+def test_an_observer_that_fails_does_not_fail_the_answers(engine):
+    def broken(observation):
+        raise RuntimeError("metrics backend down")
+
+    engine.add_observer(broken)
+    try:
+        x = np.zeros((1, 1, 40), np.float32)
+        assert engine.answer(InferenceRequest(inputs=x)).final
+    finally:
+        engine._observers.remove(broken)

@@ -128,3 +128,24 @@ def test_the_expected_wait_counts_the_running_batch_and_a_full_queue():
     s.close()
     with pytest.raises(RuntimeError):
         s.submit([run("late")])
+
+
+def test_a_delivery_that_fails_does_not_stop_the_device():
+    device = Device(hold=True)
+    s = BatchScheduler(device, lambda runs: 1.0)
+    s.submit([run("hold")])
+    assert device.entered.wait(10)
+    broken = run("broken", deadline_unix_ms=time.time() * 1000 + 1)
+
+    def explode(item):
+        raise RuntimeError("the caller's queue is gone")
+
+    broken.deliver = explode
+    s.submit([broken])
+    time.sleep(0.01)                              # it expires while queued; refusing it raises
+    device.release.set()
+    wait_for(lambda: broken.done)
+    s.submit([run("after")])
+    wait_for(lambda: s.batches == 2)
+    assert device.batches[-1] == ["after"]
+    s.close()
