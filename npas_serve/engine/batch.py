@@ -16,7 +16,7 @@ anytime answer after each exit. Every request has ended when `run` returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -52,11 +52,13 @@ class _Progress:
 
 
 class BatchRunner:
-    def __init__(self, stages: StageRunner, cost: CostModel, answers: Answers, num_exits: int):
+    def __init__(self, stages: StageRunner, cost: CostModel, answers: Answers, num_exits: int,
+                 between_steps: Callable[[], None] = lambda: None):
         self.stages = stages
         self.cost = cost
         self.answers = answers
         self.num_exits = num_exits
+        self.between_steps = between_steps      # the scheduler's expire: the queue is not left waiting
 
     # --- prediction -------------------------------------------------------------------------
     @staticmethod
@@ -100,6 +102,7 @@ class BatchRunner:
         depth = max(p.depth(self.num_exits) for p in group)
         h = torch.cat([p.run.inputs for p in group]) if len(group) > 1 else group[0].run.inputs
         for stage in range(depth + 1):
+            self.between_steps()
             group, h = self._keep(group, h, [p for p in group if self._still_wanted(p)])
             if not group:
                 return

@@ -89,15 +89,7 @@ class BatchScheduler:
                 batch, dropped = self._take()
                 now = time.perf_counter()
                 self._busy_until = now + (self.estimate_ms(batch) / 1000 if batch else 0.0)
-            for run in dropped:             # callbacks outside the lock; a failing one must not stop the device
-                try:
-                    if run.cancelled:
-                        run.fail(Cancelled("the call was cancelled while queued"), "cancelled")
-                    else:
-                        run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed while the request was "
-                                                  "queued; nothing was computed"), "deadline")
-                except Exception:
-                    log.exception("dropping a request failed")
+            self._refuse(dropped)           # callbacks outside the lock
             if not batch:
                 continue
             examples = sum(r.examples for r in batch)
@@ -117,6 +109,33 @@ class BatchScheduler:
                 with self._cond:
                     self._busy_until = 0.0
 
+    def expire(self) -> None:
+        """Refuse what nobody waits for any more without waiting for the device to be free: the batch
+        calls it between its steps, so a queued request past its deadline hears so at once."""
+        with self._cond:
+            dropped, self._queue = self._split(self._queue)
+        self._refuse(dropped)
+
+    @staticmethod
+    def _split(runs: list[RequestRun]) -> tuple[list[RequestRun], list[RequestRun]]:
+        """(dropped: cancelled or past the deadline, the rest)."""
+        dropped, kept = [], []
+        for run in runs:
+            (dropped if run.cancelled or run.deadline_passed() else kept).append(run)
+        return dropped, kept
+
+    @staticmethod
+    def _refuse(dropped: list[RequestRun]) -> None:
+        for run in dropped:                 # a failing callback must not stop the device
+            try:
+                if run.cancelled:
+                    run.fail(Cancelled("the call was cancelled while queued"), "cancelled")
+                else:
+                    run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed while the request was "
+                                              "queued; nothing was computed"), "deadline")
+            except Exception:
+                log.exception("dropping a request failed")
+
     def _fill(self) -> None:
         """With a maximum delay: wait (the lock released) until the batch is full or the oldest
         request has waited that long. Without one, take what is there."""
@@ -129,9 +148,7 @@ class BatchScheduler:
 
     def _take(self) -> tuple[list[RequestRun], list[RequestRun]]:
         """The next batch, in deadline order, and what is dropped; the rest stays queued."""
-        dropped, ready = [], []
-        for run in self._queue:
-            (dropped if run.cancelled or run.deadline_passed() else ready).append(run)
+        dropped, ready = self._split(self._queue)
         ready.sort(key=lambda r: (r.due, r.seq))
         batch, examples = [], 0
         for run in ready:

@@ -118,3 +118,23 @@ def test_an_observer_that_fails_does_not_fail_the_answers(engine):
         assert engine.answer(InferenceRequest(inputs=x)).final
     finally:
         engine._observers.remove(broken)
+
+
+def test_a_queued_request_past_its_deadline_is_refused_while_the_device_is_busy(engine):
+    """Between the steps of a running batch, the queue is checked: the refusal does not wait for the batch."""
+    x = np.zeros((1, 1, 40), np.float32)
+    events, late = [], []
+
+    def first(item):
+        events.append(("running", item.final))
+        if not late:                          # queue a request whose deadline passes before the next step
+            late.extend(engine.submit([InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 + 2)],
+                                      [lambda i: events.append(("late", type(i).__name__))]))
+            time.sleep(0.02)
+
+    running, = engine.submit([InferenceRequest(inputs=x)], [first], intermediate=True)
+    end = time.monotonic() + 30
+    while not (running.done and late and late[0].done) and time.monotonic() < end:
+        time.sleep(0.005)
+    assert ("late", "DeadlineExceeded") in events
+    assert events.index(("late", "DeadlineExceeded")) < events.index(("running", True))
