@@ -5,7 +5,8 @@ queue (no wait when idle; with `max_delay_ms` it waits that long for a batch to 
 to `max_examples`), drops what nobody waits for (cancelled: dropped; past its deadline:
 refused with DeadlineExceeded, since it has no answer yet), orders the rest by deadline
 (earliest first, then arrival) and hands up to `max_examples` examples to `execute` as
-one batch; the rest wait for the next one. No request is left in the queue.
+one batch; the rest wait for the next one. No request is left in the queue: between the
+steps of a running batch, `expire` refuses what nobody waits for any more.
 
 It also predicts a newcomer's wait (the running batch's remainder and the queued work
 that goes first), which the engine counts as time already spent when it plans.
