@@ -126,12 +126,13 @@ class Client:
         except ValueError as exc:
             error = _error_body(reply.prediction)
             if error is not None:
-                raise ClientError("INVALID_ARGUMENT", error) from None
+                raise ClientError(*error) from None
             raise ClientError("UNKNOWN", f"undecodable answer: {exc}") from None
 
 
-def _error_body(payload: bytes) -> str | None:
-    """A handler's per-request refusal, {"error": ..., "field": ...}.
+def _error_body(payload: bytes) -> tuple[str, str] | None:
+    """(gRPC code, message) of a handler's per-request refusal, {"error": ..., "field": ..., "code": ...}
+    (the code is INVALID_ARGUMENT when the body does not name one).
 
     TorchServe's gRPC frontend drops the per-request status a handler sets
     (only a whole-batch failure becomes a gRPC status), so a refusal of one
@@ -143,4 +144,5 @@ def _error_body(payload: bytes) -> str | None:
         return None
     if not isinstance(body, dict) or not isinstance(body.get("error"), str):
         return None
-    return f"{body['field']}: {body['error']}" if isinstance(body.get("field"), str) else body["error"]
+    code = body["code"] if isinstance(body.get("code"), str) else "INVALID_ARGUMENT"
+    return code, f"{body['field']}: {body['error']}" if isinstance(body.get("field"), str) else body["error"]

@@ -91,9 +91,25 @@ def test_a_past_deadline_is_refused_and_a_roomy_one_answered(server):
     with client(server) as c:
         with pytest.raises(ClientError) as err:
             c.predict(x, deadline_unix_ms=time.time() * 1000 - 1)
-        assert err.value.code == "DEADLINE_EXCEEDED" or "deadline" in err.value.details
+        assert err.value.code == "DEADLINE_EXCEEDED" and "deadline" in err.value.details
         answer = c.predict(x, deadline_unix_ms=time.time() * 1000 + 60_000)
     assert answer.final and answer.budget_met is True
+
+
+def test_past_deadlines_sent_together_are_each_refused_as_deadline_exceeded(server):
+    """Inside a TorchServe batch a refusal travels as an OK reply whose body names its gRPC code."""
+    x = np.random.default_rng(6).normal(size=(1, 1, 40)).astype(np.float32)
+
+    def late(i):
+        with client(server) as c:
+            try:
+                c.predict(x, deadline_unix_ms=time.time() * 1000 - 1, request_id=f"late-{i}")
+            except ClientError as err:
+                return err.code
+            return "OK"
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(late, range(16))) == {"DEADLINE_EXCEEDED"}
 
 
 def process_cpu_s(pid: int) -> float:

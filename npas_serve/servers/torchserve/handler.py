@@ -28,6 +28,10 @@ from npas_serve.servers.torchserve.archive import CONFIG
 from npas_serve.servers.torchserve.calls import CallKind, call_kind
 
 
+# the gRPC status a refusal stands for, by the HTTP status the handler gives it
+GRPC_CODES = {400: "INVALID_ARGUMENT", 504: "DEADLINE_EXCEEDED", 500: "INTERNAL"}
+
+
 class NpasHandler(BaseHandler):
     def initialize(self, context):
         props = context.system_properties
@@ -99,6 +103,8 @@ class NpasHandler(BaseHandler):
             code, message, body = 400, f"{err.field}: {err}", {"error": str(err), "field": err.field}
         else:
             code, message, body = err.error_code, err.message, {"error": err.message}
+        # TorchServe's gRPC frontend drops a per-request status: the body names the gRPC code
+        body["code"] = GRPC_CODES.get(code, "INTERNAL")
         if alone:
             raise PredictionException(message, code) from None
         context.set_response_status(code, message, idx)
