@@ -242,7 +242,8 @@ def _engine_config(args: argparse.Namespace):
     _check_device(args.device)
     return EngineConfig(device=args.device, cache_bytes=args.cache_bytes, max_batch=args.max_batch,
                         model_name=args.name, freeze=args.freeze, trust_code=args.trust_code,
-                        batch_examples=args.batch_examples, batch_delay_ms=args.batch_delay_ms, threads=args.threads)
+                        batch_examples=args.batch_examples, batch_delay_ms=args.batch_delay_ms,
+                        queue_examples=args.queue_examples, threads=args.threads)
 
 
 def _add_engine_flags(p) -> None:
@@ -253,6 +254,9 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--max-batch", type=_positive_int, default=256, help="largest batch a request may carry")
     p.add_argument("--batch-examples", type=_positive_int, default=256,
                    help="most examples the engine runs as one batch across requests (default: %(default)s)")
+    p.add_argument("--queue-examples", type=_positive_int, default=None,
+                   help="most examples waiting for the device; past it a request is refused with "
+                        "RESOURCE_EXHAUSTED (default: 4 x --batch-examples)")
     p.add_argument("--batch-delay-ms", type=_non_negative_int, default=0,
                    help="wait up to this long for a batch to fill; 0 runs what is queued at once (default)")
     p.add_argument("--threads", type=_non_negative_int, default=1,

@@ -12,6 +12,7 @@ after each step unless the optional byte-bounded cache keeps them.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from npas_serve.engine.answer import Answers
 from npas_serve.engine.batch import BatchRunner
 from npas_serve.engine.cache import WeightCache
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
-from npas_serve.engine.planner import CostModel, Planner, Step
-from npas_serve.engine.run import Delivery, Observation, RequestRun
+from npas_serve.engine.planner import CostModel, Planner, Step, finishes_within
+from npas_serve.engine.run import Delivery, Observation, RequestRun, ResourceExhausted
 from npas_serve.engine.scheduler import BatchScheduler
 from npas_serve.engine.stages import StageRunner
 from npas_serve.ensemble import Temperatures
@@ -50,6 +51,7 @@ class EngineConfig:
     trust_code: bool = False             # load a checkpoint carrying its family's code (runs that code)
     batch_examples: int = 256            # examples the device thread runs as one batch, at most
     batch_delay_ms: float = 0.0          # wait this long for a batch to fill; 0: run what is queued at once
+    queue_examples: int | None = None    # examples waiting at most, past it refused; None: 4 x batch_examples
     threads: int = 1                     # torch intra-op threads (0 leaves torch's default); see set_threads
 
 
@@ -89,7 +91,8 @@ class Engine:
                                     Answers(self.names, self.temperatures, self.config.model_name,
                                             self.config.model_version), self.num_exits)
         self.scheduler = BatchScheduler(self._batches.run, self._batches.predict_ms,
-                                        self.config.batch_examples, self.config.batch_delay_ms)
+                                        self.config.batch_examples, self.config.batch_delay_ms,
+                                        self.config.queue_examples)
         self._batches.between_steps = self.scheduler.expire
         self._warm = self.answer(InferenceRequest(  # one request through the whole path before serving
             inputs=np.zeros((1, *self.limits.input_shape), np.float32), request_id="warm-up")).final
@@ -124,18 +127,23 @@ class Engine:
                intermediate: bool | Sequence[bool] = False) -> list[RequestRun]:
         """The batched entry: plan each request and queue them together; answers (and the error that
         ends a request: DeadlineExceeded, Cancelled, or the batch's failure) go to its delivery, from
-        the device thread, the last answer with `final`. `RequestRun.cancel()` drops a request."""
+        the device thread, the last answer with `final`. A request refused at admission gets
+        ResourceExhausted there at once, from the caller's thread. `RequestRun.cancel()` drops a request."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
         ahead = self.scheduler.queued_examples()
-        runs = []
+        runs, admitted = [], []
         for request, deliver, flag in zip(requests, deliveries, flags, strict=True):
             run = RequestRun.start(request, inputs=self._inputs(request), intermediate=flag, deliver=deliver,
                                    on_end=self._notify)
             ahead += run.examples
-            self._plan(run, min(ahead, self.config.batch_examples),
-                       self.scheduler.expected_wait_ms(run.examples))
+            batch, wait_ms = min(ahead, self.config.batch_examples), self.scheduler.expected_wait_ms(run.examples)
+            self._plan(run, batch, wait_ms)
             runs.append(run)
-        self.scheduler.submit(runs)
+            if self._admit(run, batch, wait_ms):
+                admitted.append(run)
+            else:
+                ahead -= run.examples
+        self.scheduler.submit(admitted)
         return runs
 
     def answer(self, request: InferenceRequest) -> InferenceResponse:
@@ -197,6 +205,20 @@ class Engine:
         else:
             members = None if request.members is None else [self.names.index(n) for n in request.members]
             run.plan = self.planner.ensemble(batch, request.ensemble_size, members, budget)
+
+    def _admit(self, run: RequestRun, batch: int, wait_ms: float) -> bool:
+        """Refuse at once (ResourceExhausted) a request whose deadline is predicted to pass, given the
+        queue ahead, before its first answer: it would only cost work and end in DEADLINE_EXCEEDED.
+        A bare budget is a target, not a refusal: its late answer still reaches the caller."""
+        if run.deadline_at == math.inf or run.deadline_passed():   # passed: the queue says DEADLINE_EXCEEDED
+            return True
+        first_ms = wait_ms + self.planner.first_answer_ms(run.plan, batch)
+        if finishes_within(first_ms, run.started, (run.deadline_at - run.started) * 1000):
+            return True
+        run.fail(ResourceExhausted(f"deadline_unix_ms: the queue ahead ({wait_ms:.0f} ms predicted) and the "
+                                   f"first answer ({first_ms - wait_ms:.0f} ms) end after the deadline; nothing "
+                                   f"was computed, retry later or with a later deadline"), "overloaded")
+        return False
 
     def _notify(self, observation: Observation) -> None:
         """Observers run on the device thread: one that fails is logged, never the batch's failure."""

@@ -159,6 +159,12 @@ class Planner:
         steps = [Step(m, s) for s in range(last + 1)]
         return Plan("anytime", steps, [m], last, self._predict(steps, batch))
 
+    def first_answer_ms(self, plan: Plan, batch: int) -> float:
+        """Predicted ms until a plan's first answer: its first member whole (ensemble) or its first
+        exit (anytime); what a deadline must leave room for to be worth queueing."""
+        first = plan.steps[:1] if plan.mode == "anytime" else [s for s in plan.steps if s.member == plan.members[0]]
+        return self._predict(first, batch)
+
     def _predict(self, steps: Sequence[Step], batch: int) -> float:
         return sum(self.cost.predict(s, batch) for s in steps)
 

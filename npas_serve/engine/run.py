@@ -26,6 +26,11 @@ class DeadlineExceeded(Exception):
     """The request's deadline passed before it had any answer: servers say DEADLINE_EXCEEDED / 504."""
 
 
+class ResourceExhausted(Exception):
+    """Refused at admission, nothing computed: the queue is full, or the request's deadline is predicted
+    to pass before its first answer given the queue ahead (servers say RESOURCE_EXHAUSTED / 429)."""
+
+
 class Cancelled(Exception):
     """The caller gave up (cancelled call, expired gRPC deadline): its work was dropped."""
 
@@ -35,7 +40,7 @@ class Observation:
     """What one request did; adapters turn it into their metrics."""
 
     mode: str
-    status: str                 # ok | invalid | error | deadline | cancelled
+    status: str                 # ok | invalid | error | deadline | cancelled | overloaded
     latency_s: float
     members_run: list[str]
     exit_depth: int | None

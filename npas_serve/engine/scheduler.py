@@ -6,7 +6,8 @@ to `max_examples`), drops what nobody waits for (cancelled: dropped; past its de
 refused with DeadlineExceeded, since it has no answer yet), orders the rest by deadline
 (earliest first, then arrival) and hands up to `max_examples` examples to `execute` as
 one batch; the rest wait for the next one. No request is left in the queue: between the
-steps of a running batch, `expire` refuses what nobody waits for any more.
+steps of a running batch, `expire` refuses what nobody waits for any more. The queue is bounded
+(`max_queued` examples): past it a newcomer is refused at once with ResourceExhausted.
 
 It also predicts a newcomer's wait (the running batch's remainder and the queued work
 that goes first), which the engine counts as time already spent when it plans.
@@ -19,19 +20,25 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
+from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun, ResourceExhausted
 
 log = logging.getLogger(__name__)
+
+# the default queue bound, in full batches: a newcomer waits for the running batch and at most this
+# many more, and an overloaded server refuses at once instead of answering everyone late
+QUEUED_BATCHES = 4
 
 
 class BatchScheduler:
     def __init__(self, execute: Callable[[list[RequestRun]], None],
                  estimate_ms: Callable[[Sequence[RequestRun]], float],
-                 max_examples: int = 256, max_delay_ms: float = 0.0):
-        if max_examples < 1 or max_delay_ms < 0:
-            raise ValueError(f"max_examples must be >= 1 and max_delay_ms >= 0, got {max_examples}, {max_delay_ms}")
+                 max_examples: int = 256, max_delay_ms: float = 0.0, max_queued: int | None = None):
+        max_queued = QUEUED_BATCHES * max_examples if max_queued is None else max_queued
+        if max_examples < 1 or max_delay_ms < 0 or max_queued < 1:
+            raise ValueError(f"max_examples and max_queued must be >= 1 and max_delay_ms >= 0, got "
+                             f"{max_examples}, {max_queued}, {max_delay_ms}")
         self.execute, self.estimate_ms = execute, estimate_ms
-        self.max_examples, self.max_delay_ms = max_examples, max_delay_ms
+        self.max_examples, self.max_delay_ms, self.max_queued = max_examples, max_delay_ms, max_queued
         self._queue: list[RequestRun] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
@@ -43,14 +50,28 @@ class BatchScheduler:
 
     # --- callers' side ------------------------------------------------------------------------
     def submit(self, runs: Sequence[RequestRun]) -> None:
-        """Queue requests together: requests submitted in one call are seen by the same batch."""
+        """Queue requests together: requests submitted in one call are seen by the same batch. One that
+        would take the queue past `max_queued` examples is refused with ResourceExhausted (an empty
+        queue takes any request)."""
+        refused = []
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
+            queued = sum(r.examples for r in self._queue)
             for run in runs:
+                if queued and queued + run.examples > self.max_queued:
+                    refused.append(run)
+                    continue
                 run.seq = next(self._seq)
-            self._queue.extend(runs)
+                self._queue.append(run)
+                queued += run.examples
             self._cond.notify()
+        for run in refused:                 # callbacks outside the lock; a failing one stops no other
+            try:
+                run.fail(ResourceExhausted(f"the queue is full ({self.max_queued} examples waiting at most); "
+                                           f"nothing was computed, retry later"), "overloaded")
+            except Exception:
+                log.exception("refusing a request failed")
 
     def queued_examples(self) -> int:
         with self._cond:

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from npas_serve.engine import DeadlineExceeded, Engine
+from npas_serve.engine import DeadlineExceeded, Engine, ResourceExhausted
 from npas_serve.errors import UserError
 from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, encode_response
 from npas_serve.protocol.limits import deadline_passed
@@ -93,6 +93,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
                 yield answer
         except DeadlineExceeded as err:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        except ResourceExhausted as err:     # refused at admission: the queue is full or too long
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Exception as err:             # the batch failed (its requests all say so)
             log.error("request failed: %r", err)
             await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {err}")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from npas_serve.engine import Cancelled, Engine, EngineConfig
+from npas_serve.engine import Cancelled, Engine, EngineConfig, ResourceExhausted
 from npas_serve.protocol import InferenceRequest
 
 
@@ -120,7 +120,7 @@ def test_an_observer_that_fails_does_not_fail_the_answers(engine):
         engine._observers.remove(broken)
 
 
-def test_a_queued_request_past_its_deadline_is_refused_while_the_device_is_busy(engine):
+def test_a_queued_request_past_its_deadline_is_refused_while_the_device_is_busy(engine, monkeypatch):
     """Between the steps of a running batch, the queue is checked: the refusal does not wait for the batch."""
     x = np.zeros((1, 1, 40), np.float32)
     events, late = [], []
@@ -132,9 +132,31 @@ def test_a_queued_request_past_its_deadline_is_refused_while_the_device_is_busy(
                                       [lambda i: events.append(("late", type(i).__name__))]))
             time.sleep(0.02)
 
+    # admitted although the planner would refuse it (its deadline is shorter than any answer): this
+    # test is about the queue's check, so admission is told the device is free and the work instant
+    monkeypatch.setattr(engine.scheduler, "expected_wait_ms", lambda examples: 0.0)
+    monkeypatch.setattr(engine.planner, "first_answer_ms", lambda plan, batch: 0.0)
     running, = engine.submit([InferenceRequest(inputs=x)], [first], intermediate=True)
     end = time.monotonic() + 30
     while not (running.done and late and late[0].done) and time.monotonic() < end:
         time.sleep(0.005)
     assert ("late", "DeadlineExceeded") in events
     assert events.index(("late", "DeadlineExceeded")) < events.index(("running", True))
+
+
+def test_a_deadline_the_queue_ahead_makes_unreachable_is_refused_at_admission(engine, monkeypatch):
+    """Predicted to miss its deadline before its first answer, given the queue: refused at once, nothing
+    computed; the same deadline with the device free is answered, and a bare budget is never refused."""
+    x = np.zeros((1, 1, 40), np.float32)
+    seen = []
+    engine.add_observer(seen.append)
+    try:
+        assert engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 + 5_000)).final
+        monkeypatch.setattr(engine.scheduler, "expected_wait_ms", lambda examples: 10_000.0)
+        with pytest.raises(ResourceExhausted, match="deadline_unix_ms: the queue ahead"):
+            engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 + 5_000))
+        assert seen[-1].status == "overloaded" and seen[-1].members_run == [] and seen[-1].generation_s == 0
+        late = engine.answer(InferenceRequest(inputs=x, budget_ms=5_000))   # planned as late, still answered
+        assert late.final and len(late.members_used) == 1
+    finally:
+        engine._observers.remove(seen.append)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
+from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun, ResourceExhausted
 from npas_serve.engine.scheduler import BatchScheduler
 from npas_serve.protocol import InferenceRequest
 
@@ -148,4 +148,24 @@ def test_a_delivery_that_fails_does_not_stop_the_device():
     s.submit([run("after")])
     wait_for(lambda: s.batches == 2)
     assert device.batches[-1] == ["after"]
+    s.close()
+
+
+def test_the_queue_is_bounded_in_examples_and_refuses_past_it_at_once():
+    device = Device(hold=True)
+    s = BatchScheduler(device, lambda runs: 1.0, max_examples=2, max_queued=3)
+    assert BatchScheduler(device, lambda runs: 1.0, max_examples=5).max_queued == 20   # default: 4 batches
+    s.submit([run("hold")])
+    assert device.entered.wait(10)
+    a, b, c = run("a", 2), run("b", 2), run("c", 1)
+    s.submit([a, b, c])                            # b would make 4 > 3 waiting: refused; c still fits
+    assert b.done and isinstance(b.got[0], ResourceExhausted) and "queue is full" in str(b.got[0])
+    assert not a.got and not c.got and s.queued_examples() == 3
+    device.release.set()
+    wait_for(lambda: s.batches == 3)
+    assert device.batches == [["hold"], ["a"], ["c"]]
+    big = run("big", 9)                            # an empty queue takes any request
+    s.submit([big])
+    wait_for(lambda: s.batches == 4)
+    assert device.batches[-1] == ["big"]
     s.close()

@@ -112,6 +112,26 @@ def test_past_deadlines_sent_together_are_each_refused_as_deadline_exceeded(serv
         assert set(pool.map(late, range(16))) == {"DEADLINE_EXCEEDED"}
 
 
+def test_a_full_queue_refuses_with_resource_exhausted_at_once(served_checkpoint):
+    """The embedded server with a 4-example queue that waits 1.5 s for a batch to fill: 3 examples wait,
+    2 more would overflow and are refused at once (RESOURCE_EXHAUSTED), and the 3 are still answered."""
+    from tests.support import servers as launch
+
+    x = np.random.default_rng(8).normal(size=(3, 1, 40)).astype(np.float32)
+    args = ["--batch-examples", "4", "--queue-examples", "4", "--batch-delay-ms", "1500"]
+    with launch.running_embedded(served_checkpoint, args=args) as server, ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(ask, server, "predict", x, {"request_id": "waiting"})
+        time.sleep(0.5)                                  # inside the first request's 1.5 s wait
+        with client(server) as c:
+            t0 = time.monotonic()
+            with pytest.raises(ClientError) as err:
+                c.predict(x[:2], request_id="overflow")
+            refused_in = time.monotonic() - t0
+        assert err.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in err.value.details
+        assert refused_in < 0.75 and not waiting.done()     # refused before the waiting batch ran
+        assert waiting.result(timeout=60)[0].final
+
+
 def process_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -156,7 +176,8 @@ def test_cancelled_calls_stop_costing(embedded):
                 codes.add(err.code().name)
             except grpc.FutureCancelledError:
                 codes.add("CANCELLED")
-        assert codes <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED"}
+        # a flood of 256-example calls outgrows the bounded queue: the overflow is refused at once
+        assert codes <= {"OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
         end = time.monotonic() + 30                            # whatever started finishes, then idles
         while time.monotonic() < end:
             before = process_cpu_s(pid)
@@ -180,10 +201,11 @@ def test_the_archive_declares_torchserve_batching(served_checkpoint, tmp_path):
 
     assert BATCH_SIZE > 1
     assert main(["archive", str(served_checkpoint), "--model-store", str(tmp_path), "--batch-size", "8",
-                 "--max-batch-delay-ms", "3", "--batch-delay-ms", "1", "--threads", "2"]) == 0
+                 "--max-batch-delay-ms", "3", "--batch-delay-ms", "1", "--threads", "2",
+                 "--queue-examples", "16"]) == 0
     with zipfile.ZipFile(tmp_path / "npas.mar") as mar:
         names = {n.rsplit("/", 1)[-1]: n for n in mar.namelist()}
         model_config = mar.read(names[MODEL_CONFIG]).decode()
         engine_config = json.loads(mar.read(names["npas_config.json"]))
     assert "batchSize: 8" in model_config.splitlines() and "maxBatchDelay: 3" in model_config.splitlines()
-    assert (engine_config["batch_delay_ms"], engine_config["threads"]) == (1, 2)
+    assert (engine_config["batch_delay_ms"], engine_config["threads"], engine_config["queue_examples"]) == (1, 2, 16)

@@ -116,8 +116,9 @@ def _extract_bounded(zf, name: str, into: Path) -> None:
 
 def _check_config(config: EngineConfig) -> None:
     if (config.cache_bytes < 0 or config.max_batch < 1 or config.max_payload_bytes < 1 or config.batch_examples < 1
-            or config.batch_delay_ms < 0 or config.threads < 0):
+            or config.batch_delay_ms < 0 or config.threads < 0
+            or (config.queue_examples is not None and config.queue_examples < 1)):
         raise UserError(f"engine config out of range: cache_bytes {config.cache_bytes} (>= 0), max_batch "
                         f"{config.max_batch} (>= 1), max_payload_bytes {config.max_payload_bytes} (>= 1), "
                         f"batch_examples {config.batch_examples} (>= 1), batch_delay_ms {config.batch_delay_ms} "
-                        f"(>= 0), threads {config.threads} (>= 0)")
+                        f"(>= 0), threads {config.threads} (>= 0), queue_examples {config.queue_examples} (>= 1 or null)")

@@ -20,7 +20,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 from ts.utils.util import PredictionException
 
-from npas_serve.engine import DeadlineExceeded, Engine, EngineConfig
+from npas_serve.engine import DeadlineExceeded, Engine, EngineConfig, ResourceExhausted
 from npas_serve.protocol import InferenceRequest, RequestError, encode_response
 from npas_serve.protocol.limits import deadline_passed
 from npas_serve.servers.metrics import TorchServeSink, record
@@ -29,7 +29,10 @@ from npas_serve.servers.torchserve.calls import CallKind, call_kind
 
 
 # the gRPC status a refusal stands for, by the HTTP status the handler gives it
-GRPC_CODES = {400: "INVALID_ARGUMENT", 504: "DEADLINE_EXCEEDED", 500: "INTERNAL"}
+GRPC_CODES = {400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 504: "DEADLINE_EXCEEDED", 500: "INTERNAL"}
+# the statuses TorchServe's gRPC frontend turns into these codes when a worker raises them; any other
+# refusal travels in-band (status and body) even when the request is alone
+WORKER_CODES = (400, 504, 500)
 
 
 class NpasHandler(BaseHandler):
@@ -92,20 +95,22 @@ class NpasHandler(BaseHandler):
     def _failure(error: BaseException) -> PredictionException:
         if isinstance(error, DeadlineExceeded):
             return PredictionException(str(error), 504)
+        if isinstance(error, ResourceExhausted):
+            return PredictionException(str(error), 429)
         return PredictionException(f"the engine failed: {error}", 500)
 
     @staticmethod
     def _refusal(idx: int, err: RequestError | PredictionException, context, alone: bool) -> bytes:
         """Alone, the worker-level status (TorchServe turns a 400 into gRPC INVALID_ARGUMENT, a 504
-        into DEADLINE_EXCEEDED); inside a batch, a per-request status (it reaches HTTP clients) and
-        an error body."""
+        into DEADLINE_EXCEEDED); inside a batch, or for a code TorchServe does not map (429
+        RESOURCE_EXHAUSTED), a per-request status (it reaches HTTP clients) and an error body."""
         if isinstance(err, RequestError):
             code, message, body = 400, f"{err.field}: {err}", {"error": str(err), "field": err.field}
         else:
             code, message, body = err.error_code, err.message, {"error": err.message}
         # TorchServe's gRPC frontend drops a per-request status: the body names the gRPC code
         body["code"] = GRPC_CODES.get(code, "INTERNAL")
-        if alone:
+        if alone and code in WORKER_CODES:
             raise PredictionException(message, code) from None
         context.set_response_status(code, message, idx)
         return json.dumps(body).encode()

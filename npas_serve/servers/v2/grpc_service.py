@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import grpc
 from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as pb_grpc
 
-from npas_serve.engine import DeadlineExceeded, Engine
+from npas_serve.engine import DeadlineExceeded, Engine, ResourceExhausted
 from npas_serve.protocol.request import RequestError
 from npas_serve.protocol.response import InferenceResponse
 from npas_serve.servers.answers import awaited_answers
@@ -76,6 +76,8 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 return self._response(answer, v2, None)
         except DeadlineExceeded as err:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(err))
+        except ResourceExhausted as err:     # refused at admission: the queue is full or too long
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except Exception as err:             # the batch failed (its requests all say so)
             log.error("ModelInfer %r failed: %r", v2.id, err)
             await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed: {err}")
@@ -121,7 +123,7 @@ class V2Servicer(pb_grpc.GRPCInferenceServiceServicer):
             async for answer in awaited_answers(self.engine, req, intermediate=True):
                 yield pb.ModelStreamInferResponse(
                     infer_response=self._response(answer, v2, answer.final if flag else None))
-        except DeadlineExceeded as err:
+        except (DeadlineExceeded, ResourceExhausted) as err:
             yield pb.ModelStreamInferResponse(error_message=str(err))
         except Exception as err:             # the batch failed; the stream goes on
             log.error("ModelStreamInfer %r failed: %r", v2.id, err)
