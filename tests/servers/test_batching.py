@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -113,15 +114,15 @@ def test_past_deadlines_sent_together_are_each_refused_as_deadline_exceeded(serv
 
 
 def test_a_full_queue_refuses_with_resource_exhausted_at_once(served_checkpoint):
-    """The embedded server with a 4-example queue that waits 1.5 s for a batch to fill: 3 examples wait,
+    """The embedded server with a 4-example queue that waits 3 s for a batch to fill: 3 examples wait,
     2 more would overflow and are refused at once (RESOURCE_EXHAUSTED), and the 3 are still answered."""
     from tests.support import servers as launch
 
     x = np.random.default_rng(8).normal(size=(3, 1, 40)).astype(np.float32)
-    args = ["--batch-examples", "4", "--queue-examples", "4", "--batch-delay-ms", "1500"]
+    args = ["--batch-examples", "4", "--queue-examples", "4", "--batch-delay-ms", "3000"]
     with launch.running_embedded(served_checkpoint, args=args) as server, ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(ask, server, "predict", x, {"request_id": "waiting"})
-        time.sleep(0.5)                                  # inside the first request's 1.5 s wait
+        time.sleep(0.5)                                  # inside the first request's 3 s wait
         with client(server) as c:
             t0 = time.monotonic()
             with pytest.raises(ClientError) as err:
@@ -129,6 +130,14 @@ def test_a_full_queue_refuses_with_resource_exhausted_at_once(served_checkpoint)
             refused_in = time.monotonic() - t0
         assert err.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in err.value.details
         assert refused_in < 0.75 and not waiting.done()     # refused before the waiting batch ran
+        body = json.dumps({"inputs": [{"name": "inputs", "shape": [2, 1, 40], "datatype": "FP32",
+                                       "data": x[:2].ravel().tolist()}]}).encode()
+        v2 = urllib.request.Request(f"http://{server.http_target}/v2/models/npas/infer", data=body,
+                                    headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as http_err:     # v2 REST: 429, the same message
+            urllib.request.urlopen(v2, timeout=60)
+        assert http_err.value.code == 429 and "queue is full" in json.loads(http_err.value.read())["error"]
+        assert not waiting.done()
         assert waiting.result(timeout=60)[0].final
 
 

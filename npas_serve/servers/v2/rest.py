@@ -17,7 +17,7 @@ from importlib import metadata
 from typing import Any
 
 
-from npas_serve.engine import Engine
+from npas_serve.engine import Engine, ResourceExhausted
 from npas_serve.errors import UserError
 from npas_serve.protocol.request import RequestError
 from npas_serve.protocol.response import InferenceResponse
@@ -92,6 +92,8 @@ class V2Handler(BaseHTTPRequestHandler):
             status, result = HTTPStatus.BAD_REQUEST, {"error": f"{err.field}: {err}"}
         except _Refusal as err:
             status, result = err.status, {"error": str(err)}
+        except ResourceExhausted as err:    # refused at admission: the queue is full or too long
+            status, result = HTTPStatus.TOO_MANY_REQUESTS, {"error": str(err)}
         except Exception as err:            # the engine failed this request; the server goes on
             log.exception("v2 REST %s %s failed", self.command, self.path)
             status, result = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"}
