@@ -21,8 +21,8 @@ $cli torchserve stop >/dev/null || true
 $cli torchserve start --model-store model_store
 echo "== ensemble of 3 members"
 $cli query --token-file .torchserve/key_file.json --ensemble-size 3
-echo "== anytime, streamed: one answer per exit"
-$cli query --token-file .torchserve/key_file.json --anytime --stream
+echo "== anytime (TorchServe answers each call once; npas-serve serve streams one answer per exit)"
+$cli query --token-file .torchserve/key_file.json --anytime
 echo "== under a 5 ms budget"
 $cli query --token-file .torchserve/key_file.json --budget-ms 5
 echo "TorchServe is still serving on 127.0.0.1:7070; stop it with: $cli torchserve stop"
