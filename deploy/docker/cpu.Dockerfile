@@ -54,7 +54,7 @@ FROM base AS embedded
 USER model-server
 WORKDIR /home/model-server
 # gRPC inference 7070, Prometheus /metrics 8082
-EXPOSE 7070 8082
+EXPOSE 7070 8080 8082
 HEALTHCHECK --interval=15s --timeout=10s --start-period=60s --retries=3 \
     CMD ["python", "/opt/npas/deploy/healthcheck.py", "embedded"]
-CMD ["sh", "-c", "exec npas-serve serve /home/model-server/model_store/${NPAS_MODEL}.mar --name ${NPAS_MODEL} --host 0.0.0.0 --grpc-port 7070 --metrics-port 8082"]
+CMD ["sh", "-c", "exec npas-serve serve /home/model-server/model_store/${NPAS_MODEL}.mar --name ${NPAS_MODEL} --host 0.0.0.0 --grpc-port 7070 --http-port 8080 --metrics-port 8082"]
