@@ -26,7 +26,9 @@ N_MEMBERS = 3
 def test_sigterm_drains_in_flight_streams_then_exits(served_checkpoint, pool, reference, figures):
     port = free_port()
     proc = subprocess.Popen([*CLI, "serve", str(served_checkpoint), "--grpc-port", str(port),
-                             "--metrics-port", str(free_port())],
+                             "--metrics-port", str(free_port()),
+                             # every stream is admitted (the drain is under test, not the queue bound)
+                             "--queue-examples", str(STREAMS * BATCH)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     x = pool[:BATCH]
     expected = expected_answer(reference, x)
