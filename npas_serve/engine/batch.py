@@ -1,9 +1,15 @@
-"""One batch on the device: each needed member once, on the examples of every request that needs it.
+"""The device's work: each needed member once, on the examples of every request in flight that needs it.
 
-The scheduler hands over the requests it took from the queue (deadline order). Members
-run in the order they first appear in those requests' plans; each (member, stage) step
-runs once on the concatenated examples of the requests whose plan includes it, so its
-weights are generated once for the whole batch. Between steps a request can leave:
+The scheduler hands over the requests it took from the queue, and the runner goes on
+until none is left, taking newcomers from the queue between members (continuous
+batching at member granularity): a request that arrives while others run waits for the
+member being run, not for the others' whole plans. Each round runs one member, the next
+one the most urgent request (earliest deadline, then arrival) still needs, with its stages
+once on the concatenated examples of every request in flight needing it; the weights of
+every member the requests in flight still need are generated in one call when the round
+needs them and dropped once run, or when nobody needs them any more.
+
+Between steps a request can leave:
 
 - anytime: at its planned exit, at `min_confidence`, or when its next exit no longer fits;
 - ensemble: when the members of its plan are done, or its next member no longer fits;
@@ -16,19 +22,43 @@ anytime answer after each exit. Every request has ended when `run` returns.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
-from npas_serve.engine.answer import Answers
+from npas_serve.engine.answer import Answers, Due
 from npas_serve.engine.planner import SAFETY, CostModel, Step, finishes_within
 from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
 from npas_serve.engine.stages import StageRunner
 
 
+class Queue(Protocol):
+    """What the runner asks of the scheduler between steps."""
+
+    def expire(self) -> None:
+        """Refuse queued requests nobody waits for any more."""
+
+    def join(self, examples_in_flight: int) -> list[RequestRun]:
+        """Queued requests that fit beside `examples_in_flight`, most urgent first."""
+
+    def busy_for(self, ms: float) -> None:
+        """The work in flight is predicted to end in `ms`: what a newcomer waits for."""
+
+
+class _NoQueue:
+    def expire(self) -> None:
+        pass
+
+    def join(self, examples_in_flight: int) -> list[RequestRun]:
+        return []
+
+    def busy_for(self, ms: float) -> None:
+        pass
+
+
 @dataclass(eq=False)
 class _Progress:
-    """What one request has in this batch: per member probabilities (ensemble) or per exit (anytime)."""
+    """What one request has in flight: per member probabilities (ensemble) or per exit (anytime)."""
 
     run: RequestRun
     by_member: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -42,6 +72,10 @@ class _Progress:
     def needs(self, member: int) -> bool:
         return not self.run.done and member in self.run.plan.members and member not in self.by_member
 
+    def next_member(self) -> int | None:
+        """The first member of its plan it has not had yet."""
+        return next((m for m in self.run.plan.members if m not in self.by_member), None)
+
     def depth(self, num_exits: int) -> int:
         return self.run.plan.last_exit if self.anytime else num_exits - 1
 
@@ -53,56 +87,75 @@ class _Progress:
 
 class BatchRunner:
     def __init__(self, stages: StageRunner, cost: CostModel, answers: Answers, num_exits: int,
-                 between_steps: Callable[[], None] = lambda: None):
+                 queue: Queue | None = None):
         self.stages = stages
         self.cost = cost
         self.answers = answers
         self.num_exits = num_exits
-        self.between_steps = between_steps      # the scheduler's expire: the queue is not left waiting
+        self.queue: Queue = queue or _NoQueue()     # the scheduler, once it exists
+        self._due: list[Due] = []                   # answers of the current step, built together by `_send`
 
     # --- prediction -------------------------------------------------------------------------
-    @staticmethod
-    def member_order(runs: Sequence[RequestRun]) -> list[int]:
-        order: list[int] = []
-        for run in runs:
-            order += [m for m in run.plan.members if m not in order]
-        return order
-
     def predict_ms(self, runs: Sequence[RequestRun]) -> float:
-        """The whole batch: each member once, at the examples of the requests needing it."""
+        """Queued requests' work: each member once, at the examples of the requests needing it."""
+        return self._work_ms([(r, r.plan.members) for r in runs])
+
+    def _work_ms(self, needs: Sequence[tuple[RequestRun, Sequence[int]]]) -> float:
         total = 0.0
-        for m in self.member_order(runs):
-            group = [r for r in runs if m in r.plan.members]
+        for m in dict.fromkeys(m for _, members in needs for m in members):
+            group = [r for r, members in needs if m in members]
             depth = max(r.plan.last_exit if r.request.mode == "anytime" else self.num_exits - 1 for r in group)
             total += self.cost.member_ms(m, sum(r.examples for r in group), depth)
         return total
 
+    def _remaining_ms(self, flight: Sequence[_Progress]) -> float:
+        return self._work_ms([(p.run, [m for m in p.run.plan.members if p.needs(m)]) for p in flight])
+
     # --- running ----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, runs: Sequence[RequestRun]) -> None:
-        progress = [_Progress(r) for r in runs]
-        order = [(m, sum(r.examples for r in runs if m in r.plan.members)) for m in self.member_order(runs)]
-        # every planned step's weights in one generator call: each bank is read once for the batch
-        self.stages.prepare([Step(m, s) for m, _ in order
-                             for s in range(max((p.depth(self.num_exits) for p in progress if p.needs(m)), default=-1) + 1)])
+        flight = [_Progress(r) for r in runs]
         try:
-            for position, (member, _) in enumerate(order):
-                group = [p for p in progress if p.needs(member)]
-                if group:
-                    self._member(member, group, order[position + 1:])
+            while True:
+                flight = [p for p in flight if not p.run.done]
+                flight += [_Progress(r) for r in self.queue.join(sum(p.run.examples for p in flight))]
+                flight = [p for p in flight if self._still_wanted(p)]
+                if not flight:
+                    return
+                flight.sort(key=lambda p: (p.run.due, p.run.seq))
+                member = next((m for p in flight if (m := p.next_member()) is not None), None)
+                if member is None:      # a request in flight that needs nothing: the finally below fails it
+                    return
+                self._prepare(flight, member)
+                self.queue.busy_for(self._remaining_ms(flight))
+                self._member(member, [p for p in flight if p.needs(member)], flight)
         finally:
             self.stages.release()
-        for p in progress:          # nothing may be left waiting: a plan the batch could not finish is a bug
-            if not p.run.done:
-                p.run.fail(RuntimeError("the batch ended before this request's plan did"), "error")
+            self._due = []              # a failed step's answers are not built: the scheduler fails its requests
+            self.queue.busy_for(0.0)
+            for p in flight:            # nothing may be left waiting: a plan the runner could not finish is a bug
+                if not p.run.done:
+                    p.run.fail(RuntimeError("the device stopped before this request's plan did"), "error")
 
-    def _member(self, member: int, group: list[_Progress], later: list[tuple[int, int]]) -> None:
-        """All stages of one member, each once on the rows of the requests still needing it;
-        `later`: the (member, examples) this batch runs after it, for the budget checks."""
+    def _prepare(self, flight: list[_Progress], member: int) -> None:
+        """Drop prepared weights nobody in flight needs; when `member`'s are not ready, generate in one
+        call those of every member still needed (each bank read once for all of them)."""
+        needed = {}
+        for p in flight:
+            for m in p.run.plan.members:
+                if p.needs(m):
+                    needed[m] = max(needed.get(m, -1), p.depth(self.num_exits))
+        steps = [Step(m, s) for m, depth in needed.items() for s in range(depth + 1)]
+        self.stages.release(keep=steps)
+        if not self.stages.prepared(Step(member, 0)):
+            self.stages.prepare(steps)
+
+    def _member(self, member: int, group: list[_Progress], flight: list[_Progress]) -> None:
+        """All stages of one member, each once on the rows of the requests still needing it."""
         depth = max(p.depth(self.num_exits) for p in group)
         h = torch.cat([p.run.inputs for p in group]) if len(group) > 1 else group[0].run.inputs
         for stage in range(depth + 1):
-            self.between_steps()
+            self.queue.expire()
             group, h = self._keep(group, h, [p for p in group if self._still_wanted(p)])
             if not group:
                 return
@@ -118,7 +171,8 @@ class BatchRunner:
                     self._exit(p, stage, result.probs[rows], len(h))
                 elif stage == self.num_exits - 1:
                     p.by_member[member] = result.probs[rows]
-                    self._members_done(p, later)
+                    self._members_done(p, flight)
+            self._send()
             if stage < depth:
                 group, h = self._keep(group, result.hidden,
                                       [p for p in group if not p.run.done and p.depth(self.num_exits) > stage])
@@ -162,31 +216,40 @@ class BatchRunner:
         last = (confident or stage == run.plan.last_exit
                 or not self._fits(run, self.cost.predict(Step(run.plan.members[0], stage + 1), batch)))
         if last or run.intermediate:
-            run.give(self.answers.respond(run, p.voters(), stage, final=last))
+            self._due.append(Due.of(run, p.voters(), stage, last))
 
-    def _members_done(self, p: _Progress, later: list[tuple[int, int]]) -> None:
-        """Answer every member of its plan order now available; the last one it gets is final."""
+    def _members_done(self, p: _Progress, flight: list[_Progress]) -> None:
+        """Answer every member of its plan order now available; the last one it gets is final. Its next
+        member is predicted to end after the work in flight that runs before it (more urgent requests')."""
         run, plan = p.run, p.run.plan
         while p.given < len(plan.members) and plan.members[p.given] in p.by_member:
             p.given += 1
             run.members_run.append(self.answers.names[plan.members[p.given - 1]])
-            last = p.given == len(plan.members) or not self._fits(run, self._ms_until(plan.members[p.given], later))
+            last = p.given == len(plan.members) or not self._fits(run, self._ms_until_next(p, flight))
             if last or run.intermediate:
-                run.give(self.answers.respond(run, p.voters(), None, final=last))
+                self._due.append(Due.of(run, p.voters(), None, last))
             if last:
                 return
 
-    def _ms_until(self, member: int, later: list[tuple[int, int]]) -> float:
-        """Predicted time until `member` finishes in this batch: the members ordered before it run first."""
-        total = 0.0
-        for m, examples in later:
-            total += self.cost.member_ms(m, examples)
-            if m == member:
-                break
-        return total
+    def _ms_until_next(self, p: _Progress, flight: list[_Progress]) -> float:
+        """Predicted ms until the next member of `p`'s plan order has run: the members more urgent
+        requests still need, then it."""
+        nxt = p.run.plan.members[p.given]
+        if nxt in p.by_member:          # it already ran (another request put it first): nothing to wait for
+            return 0.0
+        ahead = flight[: flight.index(p)]
+        needs = [(q.run, [m for m in q.run.plan.members if q.needs(m)]) for q in ahead]
+        examples = p.run.examples + sum(q.run.examples for q in ahead if q.needs(nxt))
+        return self._work_ms([(r, [m for m in ms if m != nxt]) for r, ms in needs]) + self.cost.member_ms(nxt, examples)
+
+    def _send(self) -> None:
+        """Build the step's answers together (one `combine` per kind) and give them, in order."""
+        due, self._due = self._due, []
+        if due:
+            for d, answer in zip(due, self.answers.respond_many(due)):
+                d.run.give(answer)
 
     @staticmethod
     def _fits(run: RequestRun, predicted_ms: float) -> bool:
         """Like the initial plan, it keeps 1 - SAFETY of the budget for prediction error."""
         return finishes_within(predicted_ms, run.started, None if run.budget_ms is None else run.budget_ms * SAFETY)
-

@@ -93,7 +93,7 @@ class Engine:
         self.scheduler = BatchScheduler(self._batches.run, self._batches.predict_ms,
                                         self.config.batch_examples, self.config.batch_delay_ms,
                                         self.config.queue_examples)
-        self._batches.between_steps = self.scheduler.expire
+        self._batches.queue = self.scheduler          # newcomers join between steps; expired ones leave
         self._warm = self.answer(InferenceRequest(  # one request through the whole path before serving
             inputs=np.zeros((1, *self.limits.input_shape), np.float32), request_id="warm-up")).final
 

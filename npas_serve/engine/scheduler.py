@@ -4,13 +4,15 @@ Requests are queued with their plans. When the device thread is free it takes th
 queue (no wait when idle; with `max_delay_ms` it waits that long for a batch to fill
 to `max_examples`), drops what nobody waits for (cancelled: dropped; past its deadline:
 refused with DeadlineExceeded, since it has no answer yet), orders the rest by deadline
-(earliest first, then arrival) and hands up to `max_examples` examples to `execute` as
-one batch; the rest wait for the next one. No request is left in the queue: between the
-steps of a running batch, `expire` refuses what nobody waits for any more. The queue is bounded
-(`max_queued` examples): past it a newcomer is refused at once with ResourceExhausted.
+(earliest first, then arrival) and hands up to `max_examples` examples to `execute`.
+While it runs, `execute` takes newcomers between its steps (`join`), up to `max_examples`
+in flight; the rest wait. No request is left in the queue: between the steps, `expire`
+refuses what nobody waits for any more. The queue is bounded (`max_queued` examples):
+past it a newcomer is refused at once with ResourceExhausted.
 
-It also predicts a newcomer's wait (the running batch's remainder and the queued work
-that goes first), which the engine counts as time already spent when it plans.
+It also predicts a newcomer's wait (the work in flight, which `execute` reports through
+`busy_for`, and the queued work that goes first), which the engine counts as time already
+spent when it plans.
 """
 from __future__ import annotations
 
@@ -131,6 +133,25 @@ class BatchScheduler:
                 with self._cond:
                     self._busy_until = 0.0
 
+    def join(self, examples_in_flight: int) -> list[RequestRun]:
+        """Queued requests that fit beside the work in flight (deadline order), for `execute` to take
+        between its steps; what nobody waits for is refused."""
+        with self._cond:
+            if not self._queue:
+                return []
+            batch, dropped = self._take(examples_in_flight)
+        self._refuse(dropped)
+        now = time.perf_counter()
+        examples = examples_in_flight + sum(r.examples for r in batch)
+        for run in batch:
+            run.queue_s, run.batch_examples = now - run.started, examples
+        return batch
+
+    def busy_for(self, ms: float) -> None:
+        """`execute` predicts its work in flight ends in `ms`."""
+        with self._cond:
+            self._busy_until = time.perf_counter() + ms / 1000
+
     def expire(self) -> None:
         """Refuse what nobody waits for any more without waiting for the device to be free: the batch
         calls it between its steps, so a queued request past its deadline hears so at once."""
@@ -168,13 +189,14 @@ class BatchScheduler:
                and (left := until - time.perf_counter()) > 0):
             self._cond.wait(left)
 
-    def _take(self) -> tuple[list[RequestRun], list[RequestRun]]:
-        """The next batch, in deadline order, and what is dropped; the rest stays queued."""
+    def _take(self, in_flight: int = 0) -> tuple[list[RequestRun], list[RequestRun]]:
+        """The next batch beside `in_flight` examples, in deadline order, and what is dropped; the rest
+        stays queued. With nothing in flight the first request is taken whatever its size."""
         dropped, ready = self._split(self._queue)
         ready.sort(key=lambda r: (r.due, r.seq))
-        batch, examples = [], 0
+        batch, examples = [], in_flight
         for run in ready:
-            if batch and examples + run.examples > self.max_examples:
+            if (batch or in_flight) and examples + run.examples > self.max_examples:
                 break
             batch.append(run)
             examples += run.examples

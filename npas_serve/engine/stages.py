@@ -3,9 +3,9 @@
 The weights come from the generator (on the fly), from the optional cache, or
 are already baked into a frozen member; the stage itself runs through the
 family's `run_stage`, the one place that binds generated weights to layers.
-A batch's steps can be generated together first (`prepare`): one generator call
-reads each bank once for every member of the batch, and the weights are dropped
-when the step has run, or at `release`.
+The steps in flight can be generated together first (`prepare`): one generator call
+reads each bank once for every member needed, and the weights are dropped when the
+step has run, or at `release` when nobody needs them any more.
 """
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ class StageRunner:
         self._prepared: dict[Step, tuple[list[torch.Tensor], float]] = {}   # step -> (weights, its generation s)
 
     def prepare(self, steps: Sequence[Step]) -> None:
-        """Generate the weights of `steps` in one call; each step's share of the time (by weights
-        generated) is counted in its own `ms`, so the cost model still sees what a step costs."""
+        """Generate the weights of `steps` (those not prepared yet) in one call; each step's share of
+        the time (by weights generated) is counted in its own `ms`, so the cost model still sees what
+        a step costs."""
+        steps = [s for s in steps if s not in self._prepared]
         if self.frozen is not None or self.cache.max_bytes or len(steps) < 2:
             return
         t0 = time.perf_counter()
@@ -47,11 +49,15 @@ class StageRunner:
         elapsed = time.perf_counter() - t0
         numel = [sum(w.numel() for w in ws) for ws in weights]
         total = sum(numel) or 1
-        self._prepared = {s: (ws, elapsed * n / total) for s, ws, n in zip(steps, weights, numel)}
+        self._prepared.update({s: (ws, elapsed * n / total) for s, ws, n in zip(steps, weights, numel)})
 
-    def release(self) -> None:
-        """Drop the prepared weights of steps that did not run (requests that left the batch early)."""
-        self._prepared = {}
+    def prepared(self, step: Step) -> bool:
+        return step in self._prepared
+
+    def release(self, keep: Sequence[Step] = ()) -> None:
+        """Drop the prepared weights of steps not in `keep` (nobody still needs them)."""
+        keep = set(keep)
+        self._prepared = {s: w for s, w in self._prepared.items() if s in keep}
 
     def run(self, step: Step, h: torch.Tensor) -> StageResult:
         """Callers hold the scheduler's turn, so the cache's hit count is this step's alone."""

@@ -57,6 +57,8 @@ def test_requests_batched_together_get_the_answers_they_get_alone(engine):
             assert (a.request_id, order(a.members_used), a.exit_reached, order(a.plan), a.predictions) == \
                    (b.request_id, order(b.members_used), b.exit_reached, order(b.plan), b.predictions)
             np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+            np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-5)
+            np.testing.assert_allclose(a.disagreement, b.disagreement)
 
 
 def test_each_member_stage_is_generated_once_per_batch(engine, monkeypatch):
@@ -160,3 +162,24 @@ def test_a_deadline_the_queue_ahead_makes_unreachable_is_refused_at_admission(en
         assert late.final and len(late.members_used) == 1
     finally:
         engine._observers.remove(seen.append)
+
+
+def test_a_newcomer_joins_between_members_instead_of_waiting_for_the_whole_plan(engine):
+    """Continuous batching: a request queued while another runs joins at the next member, and a more
+    urgent one (a budget against none) gets its member before the other's remaining ones."""
+    x = np.zeros((1, 1, 40), np.float32)
+    order, joined = [], []
+
+    def first(item):
+        order.append(("whole", item.final))
+        if not joined:
+            joined.extend(engine.submit([InferenceRequest(inputs=x, ensemble_size=1, budget_ms=60_000)],
+                                        [lambda i: order.append(("newcomer", i.final))]))
+
+    whole, = engine.submit([InferenceRequest(inputs=x)], [first], intermediate=True)
+    end = time.monotonic() + 30
+    while not (whole.done and joined and joined[0].done) and time.monotonic() < end:
+        time.sleep(0.005)
+    assert order.index(("newcomer", True)) < order.index(("whole", True))
+    assert joined[0].batch_examples == 2           # it ran beside the request in flight
+    assert len(order) == len(engine.names) + 1

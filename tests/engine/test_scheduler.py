@@ -169,3 +169,25 @@ def test_the_queue_is_bounded_in_examples_and_refuses_past_it_at_once():
     wait_for(lambda: s.batches == 4)
     assert device.batches[-1] == ["big"]
     s.close()
+
+
+def test_newcomers_join_the_work_in_flight_up_to_max_examples():
+    joined, entered, queued = [], threading.Event(), threading.Event()
+
+    def device(runs):
+        entered.set()
+        assert queued.wait(10)                    # the newcomers arrive while the first runs
+        more = s.join(sum(r.examples for r in runs))
+        joined.append([r.request.request_id for r in more])
+        for r in runs + more:
+            r.done = True
+
+    s = BatchScheduler(device, lambda runs: 1.0, max_examples=3)
+    s.submit([run("first")])
+    assert entered.wait(10)
+    s.submit([run("late"), run("soon", budget_ms=30_000), run("big", 2)])
+    queued.set()
+    wait_for(lambda: s.batches == 2)
+    assert joined[0] == ["soon", "late"]          # deadline order, up to 3 examples in flight
+    assert joined[1] == []                        # "big" did not fit: it started a run of its own
+    s.close()
