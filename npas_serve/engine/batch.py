@@ -27,7 +27,7 @@ from typing import Protocol, Sequence
 import torch
 
 from npas_serve.engine.answer import Answers, Due
-from npas_serve.engine.planner import SAFETY, CostModel, Step, finishes_within
+from npas_serve.engine.planner import CostModel, Step, fits_with_margin
 from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
 from npas_serve.engine.stages import StageRunner
 
@@ -115,6 +115,7 @@ class BatchRunner:
     @torch.inference_mode()
     def run(self, runs: Sequence[RequestRun]) -> None:
         flight = [_Progress(r) for r in runs]
+        failure: BaseException = RuntimeError("the device stopped before this request's plan did")
         try:
             while True:
                 flight = [p for p in flight if not p.run.done]
@@ -129,13 +130,16 @@ class BatchRunner:
                 self._prepare(flight, member)
                 self.queue.busy_for(self._remaining_ms(flight))
                 self._member(member, [p for p in flight if p.needs(member)], flight)
+        except BaseException as err:    # every request in flight, joined ones included, says so
+            failure = err
+            raise
         finally:
             self.stages.release()
             self._due = []              # a failed step's answers are not built: the scheduler fails its requests
             self.queue.busy_for(0.0)
-            for p in flight:            # nothing may be left waiting: a plan the runner could not finish is a bug
+            for p in flight:            # nothing may be left waiting
                 if not p.run.done:
-                    p.run.fail(RuntimeError("the device stopped before this request's plan did"), "error")
+                    p.run.fail(failure, "error")
 
     def _prepare(self, flight: list[_Progress], member: int) -> None:
         """Drop prepared weights nobody in flight needs; when `member`'s are not ready, generate in one
@@ -211,6 +215,8 @@ class BatchRunner:
     def _exit(self, p: _Progress, stage: int, probs: torch.Tensor, batch: int) -> None:
         run, request = p.run, p.run.request
         p.exits.append(probs)
+        if stage == 0:
+            run.members_run.append(self.answers.names[run.plan.members[0]])
         confident = (request.min_confidence is not None
                      and bool((probs.max(dim=-1).values >= request.min_confidence).all()))
         last = (confident or stage == run.plan.last_exit
@@ -251,5 +257,4 @@ class BatchRunner:
 
     @staticmethod
     def _fits(run: RequestRun, predicted_ms: float) -> bool:
-        """Like the initial plan, it keeps 1 - SAFETY of the budget for prediction error."""
-        return finishes_within(predicted_ms, run.started, None if run.budget_ms is None else run.budget_ms * SAFETY)
+        return fits_with_margin(predicted_ms, run.started, run.budget_ms)

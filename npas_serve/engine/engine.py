@@ -27,7 +27,7 @@ from npas_serve.engine.batch import BatchRunner
 from npas_serve.engine.cache import WeightCache
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
 from npas_serve.engine.planner import CostModel, Planner, Step, finishes_within
-from npas_serve.engine.run import Delivery, Observation, RequestRun, ResourceExhausted
+from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted
 from npas_serve.engine.scheduler import BatchScheduler
 from npas_serve.engine.stages import StageRunner
 from npas_serve.ensemble import Temperatures
@@ -127,8 +127,10 @@ class Engine:
                intermediate: bool | Sequence[bool] = False) -> list[RequestRun]:
         """The batched entry: plan each request and queue them together; answers (and the error that
         ends a request: DeadlineExceeded, Cancelled, or the batch's failure) go to its delivery, from
-        the device thread, the last answer with `final`. A request refused at admission gets
-        ResourceExhausted there at once, from the caller's thread. `RequestRun.cancel()` drops a request."""
+        the device thread, the last answer with `final`. A request refused at admission gets its error
+        there at once, from the caller's thread: ResourceExhausted (the queue is full, or its deadline is
+        predicted to pass before its first answer) or DeadlineExceeded (its deadline has passed).
+        `RequestRun.cancel()` drops a request."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
         ahead = self.scheduler.queued_examples()
         runs, admitted = [], []
@@ -201,7 +203,6 @@ class Engine:
         if request.mode == "anytime":
             member = None if request.members is None else self.names.index(request.members[0])
             run.plan = self.planner.anytime(batch, member, request.exit, budget)
-            run.members_run.append(self.names[run.plan.members[0]])
         else:
             members = None if request.members is None else [self.names.index(n) for n in request.members]
             run.plan = self.planner.ensemble(batch, request.ensemble_size, members, budget)
@@ -210,8 +211,12 @@ class Engine:
         """Refuse at once (ResourceExhausted) a request whose deadline is predicted to pass, given the
         queue ahead, before its first answer: it would only cost work and end in DEADLINE_EXCEEDED.
         A bare budget is a target, not a refusal: its late answer still reaches the caller."""
-        if run.deadline_at == math.inf or run.deadline_passed():   # passed: the queue says DEADLINE_EXCEEDED
+        if run.deadline_at == math.inf:
             return True
+        if run.deadline_passed():      # the client has gone: nobody waits for this answer
+            run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed before the request was run; "
+                                      "nothing was computed"), "deadline")
+            return False
         first_ms = wait_ms + self.planner.first_answer_ms(run.plan, batch)
         if finishes_within(first_ms, run.started, (run.deadline_at - run.started) * 1000):
             return True

@@ -173,6 +173,12 @@ class Planner:
         return budget_ms is None or finishes_within(self._predict(steps, batch), started, budget_ms)
 
 
+def fits_with_margin(predicted_ms: float, started: float, budget_ms: float | None) -> bool:
+    """The planner's rule, between steps too: work predicted to take `predicted_ms` may use at most
+    SAFETY of what is left of the budget (the rest absorbs prediction error)."""
+    return finishes_within(predicted_ms / SAFETY, started, budget_ms)
+
+
 def finishes_within(predicted_ms: float, started: float, budget_ms: float | None) -> bool:
     """Whether work predicted to take `predicted_ms` from now ends within the budget of a clock
     started at `started` (perf_counter seconds)."""

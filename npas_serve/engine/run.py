@@ -8,6 +8,7 @@ adapters turn into metrics.
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -20,6 +21,8 @@ from npas_serve.engine.planner import Plan
 from npas_serve.engine.stages import StageResult
 from npas_serve.protocol.request import InferenceRequest
 from npas_serve.protocol.response import InferenceResponse
+
+log = logging.getLogger(__name__)
 
 
 class DeadlineExceeded(Exception):
@@ -128,21 +131,24 @@ class RequestRun:
         if self.done:
             return
         self.last = answer
-        try:
-            if self.deliver is not None:
-                self.deliver(answer)
-        finally:                    # it ends even when its caller's delivery fails
-            if answer.final:
-                self._end("ok")
+        self._deliver(answer)
+        if answer.final:
+            self._end("ok")
 
     def fail(self, error: BaseException, status: str) -> None:
         if self.done:
             return
+        self._deliver(error)
+        self._end(status)
+
+    def _deliver(self, item: "InferenceResponse | BaseException") -> None:
+        """A delivery that fails is its caller's loss alone: logged, never the batch's failure."""
+        if self.deliver is None:
+            return
         try:
-            if self.deliver is not None:
-                self.deliver(error)
-        finally:
-            self._end(status)
+            self.deliver(item)
+        except Exception:
+            log.exception("delivering to request %s failed", self.request.request_id)
 
     def _end(self, status: str) -> None:
         self.done = True

@@ -53,12 +53,12 @@ class BatchScheduler:
     # --- callers' side ------------------------------------------------------------------------
     def submit(self, runs: Sequence[RequestRun]) -> None:
         """Queue requests together: requests submitted in one call are seen by the same batch. One that
-        would take the queue past `max_queued` examples is refused with ResourceExhausted (an empty
-        queue takes any request)."""
+        would take the queue past `max_queued` examples (the call's earlier requests included) is
+        refused with ResourceExhausted; an empty queue takes any request."""
         refused = []
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
+            if not self.running:
+                raise RuntimeError("the engine is closed" if self._closed else "the device thread has stopped")
             queued = sum(r.examples for r in self._queue)
             for run in runs:
                 if queued and queued + run.examples > self.max_queued:
@@ -104,22 +104,23 @@ class BatchScheduler:
     # --- the device thread --------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                self._fill()
-                batch, dropped = self._take()
-                now = time.perf_counter()
-                self._busy_until = now + (self.estimate_ms(batch) / 1000 if batch else 0.0)
-            self._refuse(dropped)           # callbacks outside the lock
-            if not batch:
-                continue
-            examples = sum(r.examples for r in batch)
-            for run in batch:
-                run.queue_s, run.batch_examples = now - run.started, examples
+            batch: list[RequestRun] = []
             try:
+                with self._cond:
+                    while not self._queue and not self._closed:
+                        self._cond.wait()
+                    if not self._queue:
+                        return
+                    self._fill()
+                    batch, dropped = self._take()
+                    now = time.perf_counter()
+                    self._busy_until = now + (self.estimate_ms(batch) / 1000 if batch else 0.0)
+                self._refuse(dropped)           # callbacks outside the lock
+                if not batch:
+                    continue
+                examples = sum(r.examples for r in batch)
+                for run in batch:
+                    run.queue_s, run.batch_examples = now - run.started, examples
                 self.execute(batch)
             except BaseException as err:    # the batch failed as a whole: every request in it says so
                 log.exception("a batch of %d requests failed", len(batch))
@@ -129,7 +130,7 @@ class BatchScheduler:
                     except Exception:
                         log.exception("failing a request failed")
             finally:
-                self.batches += 1
+                self.batches += bool(batch)
                 with self._cond:
                     self._busy_until = 0.0
 

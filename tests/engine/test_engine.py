@@ -18,7 +18,9 @@ from npas_serve.protocol import InferenceRequest
 
 @pytest.fixture(scope="module")
 def engine(served_checkpoint):
-    return Engine.load(served_checkpoint, EngineConfig(warmup_batch_sizes=(1, 4)))
+    engine = Engine.load(served_checkpoint, EngineConfig(warmup_batch_sizes=(1, 4)))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")

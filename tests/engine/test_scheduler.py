@@ -118,12 +118,12 @@ def test_max_delay_waits_for_a_fuller_batch_and_no_longer():
 
 def test_the_expected_wait_counts_the_running_batch_and_a_full_queue():
     device = Device(hold=True)
-    s = BatchScheduler(device, lambda runs: 100.0 * len(runs), max_examples=2)
+    s = BatchScheduler(device, lambda runs: 10_000.0 * len(runs), max_examples=2)
     s.submit([run("hold")])
     assert device.entered.wait(10)
-    assert 0 < s.expected_wait_ms(1) <= 100
+    assert 0 < s.expected_wait_ms(1) <= 10_000
     s.submit([run("q1"), run("q2")])
-    assert s.expected_wait_ms(1) > 100             # the queue fills the next batch: one more batch first
+    assert s.expected_wait_ms(1) > 10_000          # the queue fills the next batch: one more batch first
     device.release.set()
     s.close()
     with pytest.raises(RuntimeError):

@@ -22,7 +22,6 @@ from ts.utils.util import PredictionException
 
 from npas_serve.engine import DeadlineExceeded, Engine, EngineConfig, ResourceExhausted
 from npas_serve.protocol import InferenceRequest, RequestError, encode_response
-from npas_serve.protocol.limits import deadline_passed
 from npas_serve.servers.metrics import TorchServeSink, record
 from npas_serve.servers.torchserve.archive import CONFIG
 from npas_serve.servers.torchserve.calls import CallKind, call_kind
@@ -59,7 +58,7 @@ class NpasHandler(BaseHandler):
         requests, bodies = {}, {}
         for i, row in enumerate(data):          # each request's own refusal in its place
             try:
-                requests[i] = self._parse(row)
+                requests[i] = self.engine.parse(row)
             except (RequestError, PredictionException) as err:
                 bodies[i] = self._refusal(i, err, context, alone)
         # one call: the engine runs them as one batch, each member once for all
@@ -82,14 +81,6 @@ class NpasHandler(BaseHandler):
                            "members": list(limits.member_names), "num_exits": limits.num_exits,
                            "input_shape": list(limits.input_shape), "max_batch": limits.max_batch,
                            "max_payload_bytes": limits.payload_bytes}).encode()
-
-    def _parse(self, fields: dict) -> InferenceRequest:
-        request = self.engine.parse(fields)
-        if deadline_passed(request.deadline_unix_ms):
-            # the frontend hands over calls whose client has gone; nobody waits for this answer
-            raise PredictionException("deadline_unix_ms: the deadline passed before the request "
-                                      "was run; nothing was computed", 504)
-        return request
 
     @staticmethod
     def _failure(error: BaseException) -> PredictionException:
