@@ -126,6 +126,10 @@ def _add_train(sub) -> None:
     p.add_argument("--exit-weights", type=float, nargs="+", default=None,
                    help="loss weight of each exit (default: (e+1)/E)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, grouping and shuffling")
+    p.add_argument("--validation", type=float, default=0.1, metavar="FRACTION",
+                   help="share of the training examples held out (drawn with --seed, recorded in the "
+                        "manifest): it orders the members for ensemble_size=k, gives the planner its "
+                        "accuracies and fits the temperatures that calibrate every answer (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     _add_trust_code(p)
@@ -175,7 +179,7 @@ def _train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(epochs=epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
                           weight_decay=args.weight_decay, schedule=args.schedule,
                           exit_weights=args.exit_weights, seed=args.seed, search_epochs=args.search_epochs,
-                          unshare_epoch=args.unshare_epoch)
+                          unshare_epoch=args.unshare_epoch, validation=args.validation)
     budget, budget_params = _budget(args)
     spec = FamilySpec(family=args.family, family_kwargs={"num_classes": args.num_classes} if args.num_classes else {},
                       generator=args.generator, generator_kwargs=dict(args.generator_arg), budget=budget,

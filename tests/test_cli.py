@@ -53,6 +53,13 @@ def test_bad_budget_params(out, good_npz, count, words):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("fraction", ["0", "1", "-0.1", "nan"])
+def test_bad_validation_fraction(out, good_npz, fraction):
+    result = npas("train", "--family", TINY, "--data", good_npz, f"--validation={fraction}", "--out", out)
+    assert_user_error(result, "validation fraction")
+    assert not out.exists()
+
+
 def test_budget_and_budget_params_together_are_refused(out, good_npz):
     result = npas("train", "--family", TINY, "--data", good_npz, "--budget", "0.5", "--budget-params", "5000",
                   "--out", out)
@@ -119,7 +126,8 @@ def test_help_explains_the_commands():
 
 
 def test_a_good_npz_trains_and_leaves_a_checkpoint(out, good_npz):
-    result = npas("train", "--family", TINY, "--data", good_npz, "--epochs", "1", "--quiet", "--out", out)
+    result = npas("train", "--family", TINY, "--data", good_npz, "--epochs", "1", "--quiet", "--validation", "0.25",
+                  "--out", out)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert "trained 3 members" in result.stdout
@@ -128,6 +136,7 @@ def test_a_good_npz_trains_and_leaves_a_checkpoint(out, good_npz):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"] == str(good_npz) and manifest["num_classes"] == 3
     assert manifest["report"]["num_test"] == 40
+    assert manifest["validation"]["fraction"] == 0.25 and manifest["validation"]["seed"] == 0
     # a second train into the same --out is refused and leaves the checkpoint alone
     before = (out / "model.safetensors").read_bytes()
     again = npas("train", "--family", TINY, "--data", good_npz, "--epochs", "1", "--quiet", "--out", out)
