@@ -11,7 +11,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,19 +275,20 @@ def _from_nested(value: list) -> np.ndarray:
         array = np.array(value)
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise ValueError("inputs must be a rectangular nested list of numbers.") from None
-    if array.dtype.kind not in "iuf" or _holds_bool(value):
+    if array.dtype.kind not in "iuf" or holds_bool(value):
         got = "booleans" if array.dtype.kind in "biuf" else f"numpy dtype {array.dtype}"
         raise ValueError(f"inputs must hold only numbers (got {got}); send nested lists of numbers.")
     return array
 
 
-def _holds_bool(value: list) -> bool:
-    """JSON true/false among the numbers: numpy would read them as 1.0 and 0.0."""
-    stack = [value]
+def holds_bool(values: Sequence[Any]) -> bool:
+    """JSON true/false among the numbers (at any depth of nested lists or tuples): numpy would
+    read them as 1 and 0. Shared by every parser that takes numbers from JSON (this module,
+    the v2 tensors)."""
+    stack = [values]
     while stack:
-        items = stack.pop()
-        for item in items:
-            if isinstance(item, list):
+        for item in stack.pop():
+            if isinstance(item, (list, tuple)):
                 stack.append(item)
             elif item is True or item is False:
                 return True

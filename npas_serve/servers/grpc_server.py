@@ -156,12 +156,18 @@ def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metric
 
 async def _serve(engine: Engine, host: str, grpc_port: int, metrics_port: int, model_name: str,
                  model_version: str, grace_s: float, http_port: int | None) -> None:
-    server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
+    server = metrics = None
     try:
+        server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
         metrics = start_metrics(engine, model_name, host, metrics_port)
         rest = None if http_port is None else start_rest_server(engine, model_name, model_version, host, http_port)
-    except UserError:
-        await server.stop(None)
+    except UserError:              # a port is taken: release what did start (its port too), then the engine
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
+        if server is not None:
+            await server.stop(None)
+        engine.close()
         raise
     await server.start()
     for service in ("", SERVICE):

@@ -29,7 +29,8 @@ class MetricSpec:
 
 
 METRICS = (
-    MetricSpec("npas_requests_total", "counter", "Requests answered, by mode and status (ok, invalid, error)",
+    MetricSpec("npas_requests_total", "counter",
+               "Requests ended, by mode and status (ok, invalid, error, deadline, cancelled, overloaded)",
                ("mode", "status")),
     MetricSpec("npas_request_latency_seconds", "histogram", "Engine latency of a request", ("mode",), "s"),
     MetricSpec("npas_members_run_total", "counter", "Members run to their final exit or anytime depth",
@@ -39,9 +40,10 @@ METRICS = (
                ("mode",)),
     MetricSpec("npas_weight_generation_seconds", "histogram", "Time spent generating weights for a request",
                (), "s"),
-    MetricSpec("npas_queue_seconds", "histogram", "Time a request waited in the engine's queue for its batch",
-               (), "s"),
-    MetricSpec("npas_batch_examples", "histogram", "Examples in the device batch a request ran in (its own included)",
+    MetricSpec("npas_queue_seconds", "histogram",
+               "Time a request waited in the engine's queue before it started running", (), "s"),
+    MetricSpec("npas_batch_examples", "histogram",
+               "Examples in flight on the device when a request started running (its own included)",
                (), "count", EXAMPLE_BUCKETS),
     MetricSpec("npas_resident_bank_bytes", "gauge",
                "Resident shared state: bank, coefficients, norms and heads", (), "B"),

@@ -53,6 +53,7 @@ def test_refused_payloads_do_not_starve_good_requests(server, pool, figures):
     idle_s = median(good_latency_s(server, x) for _ in range(GOOD))
     idle_rss = rss_bytes(pid)
     codes: dict[str, int] = {}
+    codes_lock = threading.Lock()         # four attackers count into one dict: no lost update
     stop = threading.Event()
     peak = [idle_rss]
 
@@ -68,7 +69,8 @@ def test_refused_payloads_do_not_starve_good_requests(server, pool, figures):
                     code = "OK (error body)" if b'"error"' in reply.prediction[:64] else "OK"
                 except grpc.RpcError as err:
                     code = err.code().name
-                codes[code] = codes.get(code, 0) + 1
+                with codes_lock:
+                    codes[code] = codes.get(code, 0) + 1
 
     def sample() -> None:
         while not stop.is_set():

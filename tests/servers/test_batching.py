@@ -10,7 +10,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 import pytest
@@ -113,32 +113,49 @@ def test_past_deadlines_sent_together_are_each_refused_as_deadline_exceeded(serv
         assert set(pool.map(late, range(16))) == {"DEADLINE_EXCEEDED"}
 
 
+def predict_timed(server, x: np.ndarray, request_id: str):
+    """(the answer, or the ClientError that refused it; the seconds the call took)."""
+    with client(server) as c:
+        t0 = time.monotonic()
+        try:
+            result = c.predict(x, request_id=request_id)
+        except ClientError as err:
+            result = err
+        return result, time.monotonic() - t0
+
+
 def test_a_full_queue_refuses_with_resource_exhausted_at_once(served_checkpoint):
-    """The embedded server with a 4-example queue that waits 3 s for a batch to fill: 3 examples wait,
-    2 more would overflow and are refused at once (RESOURCE_EXHAUSTED), and the 3 are still answered."""
+    """The embedded server with a 4-example queue that waits 3 s for a batch to fill, sent 3 and 2
+    examples at once: the queue takes whichever arrives first (an empty queue takes any request), and
+    the other would overflow it (5 > 4), so it is refused at once (RESOURCE_EXHAUSTED) while the first
+    waits; v2 REST is refused alike (429), and the waiting request is still answered.
+
+    No fixed sleep: the refusal itself says the queue holds the other request, since a queue refuses
+    only while it holds something (the server exposes no gauge of queued examples)."""
     from tests.support import servers as launch
 
     x = np.random.default_rng(8).normal(size=(3, 1, 40)).astype(np.float32)
     args = ["--batch-examples", "4", "--queue-examples", "4", "--batch-delay-ms", "3000"]
-    with launch.running_embedded(served_checkpoint, args=args) as server, ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(ask, server, "predict", x, {"request_id": "waiting"})
-        time.sleep(0.5)                                  # inside the first request's 3 s wait
-        with client(server) as c:
-            t0 = time.monotonic()
-            with pytest.raises(ClientError) as err:
-                c.predict(x[:2], request_id="overflow")
-            refused_in = time.monotonic() - t0
-        assert err.value.code == "RESOURCE_EXHAUSTED" and "queue is full" in err.value.details
+    with launch.running_embedded(served_checkpoint, args=args) as server, ThreadPoolExecutor(2) as pool:
+        calls = [pool.submit(predict_timed, server, x[:n], f"{n}-examples") for n in (3, 2)]
+        done, _ = wait(calls, timeout=60, return_when=FIRST_COMPLETED)
+        assert len(done) == 1, [c.result() for c in calls]
+        refused, = done
+        waiting, = [c for c in calls if c is not refused]
+        err, refused_in = refused.result()
+        assert isinstance(err, ClientError), err
+        assert err.code == "RESOURCE_EXHAUSTED" and "queue is full" in err.details
         assert refused_in < 0.75 and not waiting.done()     # refused before the waiting batch ran
-        body = json.dumps({"inputs": [{"name": "inputs", "shape": [2, 1, 40], "datatype": "FP32",
-                                       "data": x[:2].ravel().tolist()}]}).encode()
+        body = json.dumps({"inputs": [{"name": "inputs", "shape": [3, 1, 40], "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
         v2 = urllib.request.Request(f"http://{server.http_target}/v2/models/npas/infer", data=body,
                                     headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as http_err:     # v2 REST: 429, the same message
             urllib.request.urlopen(v2, timeout=60)
         assert http_err.value.code == 429 and "queue is full" in json.loads(http_err.value.read())["error"]
         assert not waiting.done()
-        assert waiting.result(timeout=60)[0].final
+        answer, _ = waiting.result(timeout=60)
+        assert not isinstance(answer, ClientError) and answer.final, answer
 
 
 def process_cpu_s(pid: int) -> float:

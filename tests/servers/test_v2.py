@@ -162,6 +162,18 @@ def test_bad_request_names_the_field_and_serving_goes_on(triton, examples, what,
     assert infer(module, client, x, ensemble_size=1).as_numpy("predictions").shape == (len(x),)
 
 
+def test_a_passed_deadline_is_a_gateway_timeout_not_a_crash(triton, examples):
+    """A deadline already past is admitted, then refused by the queue with DeadlineExceeded: REST says
+    504 and gRPC DEADLINE_EXCEEDED (not 500 / INTERNAL), naming the field; serving goes on."""
+    module, client = triton
+    x, _ = examples
+    with pytest.raises(InferenceServerException) as err:
+        infer(module, client, x, ensemble_size=1, deadline_unix_ms=1.0)      # 1970
+    assert err.value.status() == ("StatusCode.DEADLINE_EXCEEDED" if module is tgrpc else "504")
+    assert err.value.message().startswith("deadline_unix_ms: the deadline passed")
+    assert infer(module, client, x, ensemble_size=1).as_numpy("predictions").shape == (len(x),)
+
+
 def test_curl_style_json_request(embedded, examples):
     """Plain JSON over HTTP (no binary extension), as curl sends it; errors are {"error": ...}."""
     x, _ = examples

@@ -3,7 +3,9 @@
 Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/NAME[/versions/V][/ready];
 POST /v2/models/NAME[/versions/V]/infer. Bodies are JSON, or JSON followed by binary tensor
 data (Triton's binary extension, `Inference-Header-Content-Length`), which `tritonclient.http`
-sends by default. Errors are v2's form: a status and `{"error": "FIELD: message"}`.
+sends by default. Errors are v2's form: a status and `{"error": "FIELD: message"}` (400 a bad
+request, 404 an unknown model or path, 429 refused at admission, 504 the deadline passed before
+any answer, 500 the engine failed).
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from typing import Any
 
-
-from npas_serve.engine import Engine, ResourceExhausted
+from npas_serve.engine import DeadlineExceeded, Engine, ResourceExhausted
 from npas_serve.errors import UserError
 from npas_serve.protocol.request import RequestError
 from npas_serve.protocol.response import InferenceResponse
@@ -94,6 +95,8 @@ class V2Handler(BaseHTTPRequestHandler):
             status, result = err.status, {"error": str(err)}
         except ResourceExhausted as err:    # refused at admission: the queue is full or too long
             status, result = HTTPStatus.TOO_MANY_REQUESTS, {"error": str(err)}
+        except DeadlineExceeded as err:     # the deadline passed before any answer (gRPC: DEADLINE_EXCEEDED)
+            status, result = HTTPStatus.GATEWAY_TIMEOUT, {"error": str(err)}
         except Exception as err:            # the engine failed this request; the server goes on
             log.exception("v2 REST %s %s failed", self.command, self.path)
             status, result = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(err).__name__}: {err}"}

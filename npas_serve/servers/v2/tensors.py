@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from npas_serve.protocol import npas_pb2
-from npas_serve.protocol.request import RequestError, RequestLimits, check_payload_size
+from npas_serve.protocol.request import RequestError, RequestLimits, check_payload_size, holds_bool
 from npas_serve.protocol.response import InferenceResponse
 
 INPUT = "inputs"
@@ -142,7 +142,7 @@ def _numbers(values: Sequence[Any], dtype: np.dtype) -> np.ndarray:
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise RequestError("inputs", f"input {INPUT!r}: data must be a flat (or rectangular) list of "
                                      "numbers.") from None
-    if array.size and (array.dtype.kind not in "iuf" or _has_bool(values)):
+    if array.size and (array.dtype.kind not in "iuf" or holds_bool(values)):
         raise RequestError("inputs", f"input {INPUT!r}: data must hold only numbers.")
     if dtype.kind in "iu" and array.dtype.kind == "f":
         raise RequestError("inputs", f"input {INPUT!r}: data holds fractions for an integer datatype; "
@@ -150,14 +150,3 @@ def _numbers(values: Sequence[Any], dtype: np.dtype) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         return np.ascontiguousarray(array.reshape(-1), dtype=dtype)
 
-
-def _has_bool(values: Sequence[Any]) -> bool:
-    """JSON true/false among numbers: numpy would read them as 1 and 0."""
-    stack = [values]
-    while stack:
-        for item in stack.pop():
-            if isinstance(item, (list, tuple)):
-                stack.append(item)
-            elif item is True or item is False:
-                return True
-    return False
