@@ -50,3 +50,21 @@ def test_a_cycle_inside_a_function_is_caught(tree_copy):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no import cycles between the modules of any package BROKEN" in done.stdout
     assert "npas_serve layers, top to bottom KEPT" in done.stdout
+
+
+# serving never imports the training code: a separate contract catches an import of `npas_serve.train`
+# from the engine or a server, even inside a function, which the layers contract allows (both sit above it)
+CONTRACT = "serving never imports the training code"
+
+
+@pytest.mark.parametrize("module", ["engine/planner.py", "servers/metrics.py", "servers/v2/rest.py"])
+def test_serving_code_importing_train_breaks_the_contract(tmp_path, module):
+    shutil.copytree(ROOT / "npas_serve", tmp_path / "npas_serve", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    source = tmp_path / "npas_serve" / module
+    late = "\n\ndef _late():\n    from npas_serve.train import TrainConfig  # noqa: F401\n"
+    source.write_text(source.read_text() + late)
+    done = lint_imports(tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"{CONTRACT} BROKEN" in done.stdout
+    assert "npas_serve layers, top to bottom KEPT" in done.stdout    # only the new contract sees it

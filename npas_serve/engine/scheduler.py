@@ -26,8 +26,8 @@ from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun, Resou
 
 log = logging.getLogger(__name__)
 
-# the default queue bound, in full batches: a newcomer waits for the running batch and at most this
-# many more, and an overloaded server refuses at once instead of answering everyone late
+# the default queue bound, in full batches (`max_examples`) waiting beside the work in flight: an
+# overloaded server refuses at once instead of answering everyone late
 QUEUED_BATCHES = 4
 
 

@@ -9,7 +9,6 @@ C-speed byte scans (brackets, commas) before `json.loads` sees it.
 from __future__ import annotations
 
 import math
-import time
 
 # A number in JSON: "-1.2345678901234567e-308" is 24 characters; with ", " 26.
 MAX_NUMBER_CHARS = 26
@@ -52,12 +51,6 @@ def json_structure_error(raw: bytes, input_shape: tuple[int, ...], max_batch: in
                 f"{tuple(input_shape)} holds at most {max_commas}")
     return None
 
-
-def deadline_passed(deadline_unix_ms: float | None, now_unix_ms: float | None = None) -> bool:
-    """Whether an absolute deadline (ms since the Unix epoch) is already behind us: nobody waits any more."""
-    if deadline_unix_ms is None:
-        return False
-    return deadline_unix_ms <= (time.time() * 1000 if now_unix_ms is None else now_unix_ms)
 
 
 def _lists_per_example(input_shape: tuple[int, ...]) -> int:

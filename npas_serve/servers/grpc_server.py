@@ -20,7 +20,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from npas_serve.engine import DeadlineExceeded, Engine, ResourceExhausted
 from npas_serve.errors import UserError
 from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, encode_response
-from npas_serve.protocol.limits import deadline_passed
 from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
 from npas_serve.servers.answers import awaited_answers
 from npas_serve.servers.metrics import PrometheusSink, record
@@ -81,9 +80,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{err.field}: {err}")
         if context.cancelled():                # the caller gave up before the call was run
             await context.abort(grpc.StatusCode.CANCELLED, "the call ended before it was run")
-        if deadline_passed(req.deadline_unix_ms):
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_unix_ms: the deadline passed "
-                                                                   "before the request was run; nothing was computed")
         return req
 
     async def _answers(self, req: InferenceRequest, context, intermediate: bool) -> AsyncIterator[InferenceResponse]:

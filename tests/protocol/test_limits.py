@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from npas_serve.protocol.limits import deadline_passed, json_structure_error, max_payload_bytes
+from npas_serve.protocol.limits import json_structure_error, max_payload_bytes
 from npas_serve.protocol.response import encode_request
 
 SHAPE, BATCH = (1, 40), 256
@@ -27,8 +27,3 @@ def test_a_huge_batch_of_tiny_lists_is_refused_by_counting():
     assert "lists" in json_structure_error(body, SHAPE, BATCH)
     flat = b'{"inputs": [[[' + b"0," * 20_000 + b"0]]]}"
     assert "separators" in json_structure_error(flat, SHAPE, BATCH)
-
-
-def test_deadline_passed():
-    assert deadline_passed(999.0, now_unix_ms=1000.0) and not deadline_passed(1001.0, now_unix_ms=1000.0)
-    assert not deadline_passed(None)
