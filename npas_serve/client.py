@@ -13,6 +13,7 @@ working directory at start-up (the management port wants the "management" key).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -92,8 +93,11 @@ class Client:
         self.close()
 
     def _request(self, inputs, fmt: str, knobs: dict):
+        """With a deadline, the send time goes too: the server keeps as long for the answer's way back."""
         from npas_serve.protocol import inference_pb2
 
+        if knobs.get("deadline_unix_ms") is not None and knobs.get("sent_unix_ms") is None:
+            knobs = {**knobs, "sent_unix_ms": round(time.time() * 1000, 3)}
         return inference_pb2.PredictionsRequest(
             model_name=self.model_name, model_version=self.model_version,
             input={"data": encode_request(inputs, fmt, **knobs)})

@@ -218,7 +218,7 @@ class Engine:
                                       "nothing was computed"), "deadline")
             return False
         first_ms = wait_ms + self.planner.first_answer_ms(run.plan, batch)
-        if finishes_within(first_ms, run.started, (run.deadline_at - run.started) * 1000):
+        if finishes_within(first_ms, run.started, (run.deadline_at - run.started) * 1000 - run.way_back_ms):
             return True
         run.fail(ResourceExhausted(f"deadline_unix_ms: the queue ahead ({wait_ms:.0f} ms predicted) and the "
                                    f"first answer ({first_ms - wait_ms:.0f} ms) end after the deadline; nothing "

@@ -54,6 +54,16 @@ class Observation:
     batch_examples: int | None = None     # examples in the batch it ran in (its own included)
 
 
+def way_back_ms(deadline_unix_ms: float | None, sent_unix_ms: float | None, now_unix_ms: float) -> float:
+    """What to keep of a deadline for the answer's way back to the client: as long as the request's way
+    in took (now - sent_unix_ms, both on the client's clock), at most half the time left; 0 without a
+    deadline or a send time. The client sees the deadline, not the engine: an answer the engine finishes
+    at the deadline reaches the client after it."""
+    if deadline_unix_ms is None or sent_unix_ms is None:
+        return 0.0
+    return min(max(0.0, now_unix_ms - sent_unix_ms), max(0.0, deadline_unix_ms - now_unix_ms) / 2)
+
+
 def effective_budget_ms(budget_ms: float | None, deadline_unix_ms: float | None,
                         now_unix_ms: float) -> float | None:
     """The tighter of a latency budget and the time left until an absolute deadline (None: neither)."""
@@ -85,15 +95,18 @@ class RequestRun:
     batch_examples: int | None = None
     done: bool = False
     deadline_at: float = math.inf                   # perf_counter() time of the absolute deadline, if any
+    way_back_ms: float = 0.0                        # kept of the deadline for the answer's way back
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def start(cls, request: InferenceRequest, **fields) -> "RequestRun":
         started, now_unix_ms = time.perf_counter(), time.time() * 1000
         deadline = request.deadline_unix_ms
-        return cls(request, started, effective_budget_ms(request.budget_ms, deadline, now_unix_ms),
+        back = way_back_ms(deadline, request.sent_unix_ms, now_unix_ms)
+        return cls(request, started,
+                   effective_budget_ms(request.budget_ms, None if deadline is None else deadline - back, now_unix_ms),
                    deadline_at=math.inf if deadline is None else started + (deadline - now_unix_ms) / 1000,
-                   **fields)
+                   way_back_ms=back, **fields)
 
     # --- clock ---------------------------------------------------------------------------------
     def elapsed_ms(self) -> float:

@@ -24,7 +24,7 @@ from npas_serve.protocol._generated import npas_pb2
 
 MODES = ("ensemble", "anytime")
 KNOBS = ("mode", "ensemble_size", "members", "exit", "latency_budget_ms",
-         "deadline_unix_ms", "min_confidence", "stream", "request_id")
+         "deadline_unix_ms", "sent_unix_ms", "min_confidence", "stream", "request_id")
 PAYLOAD_KEYS = ("data", "body")  # gRPC puts the payload under data, TorchServe's HTTP under body
 MAX_KNOB_CHARS = 4096
 MAX_REQUEST_ID_CHARS = 128
@@ -72,6 +72,7 @@ class InferenceRequest:
     exit: int | None = None             # None means auto (deepest, or what budget/confidence allows)
     budget_ms: float | None = None      # milliseconds; on the wire: latency_budget_ms
     deadline_unix_ms: float | None = None
+    sent_unix_ms: float | None = None   # when the client sent it (its clock): the way in, kept for the way back
     min_confidence: float | None = None
     stream: bool = False
     request_id: str = ""                # echoed; generated (uuid4 hex) when absent
@@ -119,6 +120,8 @@ def parse_request(fields: Mapping[str, bytes | str], limits: RequestLimits) -> I
                                   f"milliseconds greater than 0 and at most {limits.max_budget_ms:g}"),
         deadline_unix_ms=_number("deadline_unix_ms", values.get("deadline_unix_ms"), 0.0, math.inf,
                                  "a positive time in milliseconds since the Unix epoch"),
+        sent_unix_ms=_number("sent_unix_ms", values.get("sent_unix_ms"), 0.0, math.inf,
+                             "a positive time in milliseconds since the Unix epoch"),
         min_confidence=min_confidence,
         stream=_flag("stream", values.get("stream")),
         request_id=_request_id(values.get("request_id")),
@@ -215,7 +218,8 @@ def _proto_values(raw: bytes) -> dict | None:
         values["inputs"] = msg.inputs
     if msg.mode != npas_pb2.MODE_UNSPECIFIED:
         values["mode"] = _PB_MODES.get(msg.mode, msg.mode)  # an unknown enum number fails in _mode
-    for name in ("ensemble_size", "exit", "latency_budget_ms", "deadline_unix_ms", "min_confidence", "stream"):
+    for name in ("ensemble_size", "exit", "latency_budget_ms", "deadline_unix_ms", "sent_unix_ms", "min_confidence",
+                 "stream"):
         if msg.HasField(name):
             values[name] = getattr(msg, name)
     if msg.members:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from npas_serve.engine.run import RequestRun, effective_budget_ms
+import time
+
+from npas_serve.engine.run import RequestRun, effective_budget_ms, way_back_ms
 from npas_serve.engine.stages import StageResult
 from npas_serve.protocol import InferenceRequest
 
@@ -15,6 +18,18 @@ def test_the_tighter_of_budget_and_deadline_counts():
     assert effective_budget_ms(50.0, 1030.0, 1000.0) == 30.0
     assert effective_budget_ms(20.0, 1030.0, 1000.0) == 20.0
     assert effective_budget_ms(None, 990.0, 1000.0) == -10.0     # already past: nothing left
+
+
+def test_a_deadline_keeps_the_way_in_for_the_way_back():
+    assert way_back_ms(1100.0, 990.0, 1000.0) == 10.0             # 10 ms on the way in: 10 kept
+    assert way_back_ms(1020.0, 950.0, 1000.0) == 10.0             # at most half of what is left
+    assert way_back_ms(1100.0, 1005.0, 1000.0) == 0.0             # a client clock ahead: nothing
+    assert way_back_ms(None, 990.0, 1000.0) == way_back_ms(1100.0, None, 1000.0) == 0.0
+    now = time.time() * 1000
+    x = np.zeros((1, 2), np.float32)
+    sent = RequestRun.start(InferenceRequest(inputs=x, deadline_unix_ms=now + 100, sent_unix_ms=now - 20))
+    plain = RequestRun.start(InferenceRequest(inputs=x, deadline_unix_ms=now + 100))
+    assert 15 < plain.budget_ms - sent.budget_ms <= 25 and sent.deadline_at == pytest.approx(plain.deadline_at, abs=0.01)
 
 
 def test_stage_results_add_up_in_the_observation():

@@ -122,6 +122,8 @@ BAD = {
     "deadline negative": (js(deadline_unix_ms=-5), "deadline_unix_ms"),
     "deadline word": (js(deadline_unix_ms="soon"), "deadline_unix_ms"),
     "deadline bool": (js(deadline_unix_ms=True), "deadline_unix_ms"),
+    "sent zero": (js(sent_unix_ms=0), "sent_unix_ms"),
+    "sent word": (js(sent_unix_ms="earlier"), "sent_unix_ms"),
     # confidence, mode, stream, request_id
     "confidence below 0": (js(min_confidence=-0.1), "min_confidence"),
     "confidence above 1": (js(min_confidence=1.5), "min_confidence"),
@@ -179,11 +181,11 @@ def test_protobuf_with_every_knob():
     x = np.random.default_rng(0).standard_normal((3, 1, 8)).astype("<f4")
     req = parse_request(pb(inputs=npas_pb2.Tensor(data=x.tobytes(), shape=x.shape, dtype="float32"),
                            mode=npas_pb2.MODE_ANYTIME, members=["m3"], exit=2,
-                           latency_budget_ms=12.5, deadline_unix_ms=1.7e12, min_confidence=0.9,
-                           stream=True, request_id="abc-1"), LIMITS)
+                           latency_budget_ms=12.5, deadline_unix_ms=1.7e12, sent_unix_ms=1.6e12,
+                           min_confidence=0.9, stream=True, request_id="abc-1"), LIMITS)
     np.testing.assert_array_equal(req.inputs, x)
     assert req == InferenceRequest(inputs=req.inputs, mode="anytime", ensemble_size=None, members=("m3",),
-                                   exit=2, budget_ms=12.5, deadline_unix_ms=1.7e12,
+                                   exit=2, budget_ms=12.5, deadline_unix_ms=1.7e12, sent_unix_ms=1.6e12,
                                    min_confidence=0.9, stream=True, request_id="abc-1",
                                    payload_format="protobuf")
     ensemble = parse_request(pb(mode=npas_pb2.MODE_ENSEMBLE, ensemble_size=2, members=["m1", "m3"]), LIMITS)
@@ -250,12 +252,13 @@ def test_map_keys_override_payload():
     fields = with_map(js(mode="ensemble", ensemble_size=1, exit=1, stream=False, latency_budget_ms=5),
                       mode="anytime", ensemble_size="auto", members="m2", exit="auto", stream="TRUE",
                       latency_budget_ms="12.5", deadline_unix_ms="1700000000000", min_confidence="0.75",
-                      request_id="from-map")
+                      request_id="from-map", sent_unix_ms="1699999999990.5")
     req = parse_request(fields, LIMITS)
     assert (req.mode, req.ensemble_size, req.members, req.exit, req.stream) == \
            ("anytime", None, ("m2",), None, True)
     assert (req.budget_ms, req.deadline_unix_ms, req.min_confidence, req.request_id) == \
            (12.5, 1.7e12, 0.75, "from-map")
+    assert req.sent_unix_ms == 1699999999990.5
 
 
 def test_map_keys_override_protobuf_payload():

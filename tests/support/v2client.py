@@ -2,6 +2,8 @@
 load generator drives the KServe v2 endpoint exactly as it drives TorchServe's API."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import tritonclient.grpc as tgrpc
 
@@ -18,6 +20,8 @@ class V2Client:
         tensor = tgrpc.InferInput("inputs", list(x.shape), "FP32")
         tensor.set_data_from_numpy(x)
         params = {k: ",".join(v) if isinstance(v, (list, tuple)) else v for k, v in knobs.items() if v is not None}
+        if "deadline_unix_ms" in params:       # as npas_serve.client does: the server keeps the way in for the way back
+            params.setdefault("sent_unix_ms", round(time.time() * 1000, 3))
         result = self.client.infer(self.model_name, [tensor], request_id=request_id, parameters=params or None,
                                    client_timeout=self.timeout)
         response = result.get_response()

@@ -20,7 +20,7 @@ from npas_serve.protocol.response import InferenceResponse
 INPUT = "inputs"
 # the npas knobs a v2 request may carry as parameters (`stream` is the RPC's choice, the id is `id`)
 PARAMETERS = ("mode", "ensemble_size", "members", "exit", "latency_budget_ms", "deadline_unix_ms",
-              "min_confidence")
+              "sent_unix_ms", "min_confidence")
 # Triton's reserved request parameters that npas-serve does not implement: refused by name
 UNSUPPORTED = {"sequence_id": "sequences (no sequence batching)", "sequence_start": "sequences",
                "sequence_end": "sequences", "priority": "priorities", "timeout": "queue timeouts"}
