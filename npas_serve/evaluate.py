@@ -18,7 +18,7 @@ from torch import nn
 
 from npas_serve.checkpoint import MANIFEST, Manifest, write_json
 from npas_serve.data.base import Dataset
-from npas_serve.ensemble import Temperatures, calibrate, combine, fit_temperature
+from npas_serve.ensemble import Temperatures, calibrate, combine, fit_temperature, nll
 from npas_serve.family import Family
 from npas_serve.layers import SharedLayer
 
@@ -41,6 +41,11 @@ class ExitScore(Scores):
     temperature: float = 1.0             # nll and ece are at it; the uncalibrated ones:
     nll_before: float | None = None
     ece_before: float | None = None
+
+    @property
+    def planning_accuracy(self) -> float:
+        """What the planner and the member order weigh it by: on validation (test, for reports without one)."""
+        return self.accuracy if self.val_accuracy is None else self.val_accuracy
 
 
 @dataclass
@@ -104,23 +109,21 @@ class Report:
         return next(e for e in self.exits if e.member == member and e.exit == exit)
 
     def planning_accuracy(self, member: str, exit: int) -> float:
-        """The accuracy the planner weighs an exit by: on validation (test, for reports without one)."""
-        score = self.exit_score(member, exit)
-        return score.accuracy if score.val_accuracy is None else score.val_accuracy
+        """The accuracy the planner weighs an exit by (`ExitScore.planning_accuracy`)."""
+        return self.exit_score(member, exit).planning_accuracy
 
 
 def scores(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> Scores:
     """Accuracy, mean NLL and expected calibration error (equal-width confidence bins)."""
     conf, pred = probs.max(dim=1)
     correct = (pred == y).float()
-    nll = -torch.log(probs.gather(1, y[:, None]).clamp_min(1e-12)).mean()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (conf > lo) & (conf <= hi)
         if inside.any():
             ece += inside.float().mean() * (conf[inside].mean() - correct[inside].mean()).abs()
-    return Scores(correct.mean().item(), nll.item(), ece.item())
+    return Scores(correct.mean().item(), nll(probs, y), ece.item())
 
 
 @torch.no_grad()
@@ -200,12 +203,8 @@ def evaluate(family: Family, manifest: Manifest, dataset: Dataset) -> Report:
     exits = [ExitScore(**scored(probs[m, e], None if val is None else val[0][m, e]), member=names[m], exit=e,
                        flops=flops[m][e]) for m in range(len(names)) for e in range(num_exits)]
 
-    def chosen_by(m: int) -> float:
-        score = exits[m * num_exits + last]
-        return score.accuracy if score.val_accuracy is None else score.val_accuracy
-
     # best final exit first; ties go to the cheaper member
-    order = sorted(range(len(names)), key=lambda m: (-chosen_by(m), flops[m][last]))
+    order = sorted(range(len(names)), key=lambda m: (-exits[m * num_exits + last].planning_accuracy, flops[m][last]))
     ensembles = []
     for k in range(1, len(names) + 1):
         chosen = order[:k]
