@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 from npas_serve.checkpoint import Manifest  # noqa: E402
 from npas_serve.data import Normalisation  # noqa: E402
 from npas_serve.engine import Engine, EngineConfig  # noqa: E402
-from npas_serve.evaluate import count_flops  # noqa: E402
+from npas_serve.engine.memory import target_bytes  # noqa: E402
+from npas_serve.evaluate import count_flops, param_count  # noqa: E402
 from npas_serve.family import Family, FamilySpec, build_family  # noqa: E402
 from npas_serve.protocol.request import InferenceRequest  # noqa: E402
 
@@ -58,12 +59,11 @@ def engine_for(family: Family, name: str, input_shape: tuple[int, ...], freeze: 
 
 
 def parameters(family: Family) -> dict:
-    shared, private = family.member_shared_numel(), family.member_private_numel()
-    bank = family.generator.bank_numel()
-    return {"bank": bank, "coefficients": sum(p.numel() for p in family.generator.parameters()) - bank,
-            "norms_heads": sum(private), "members_unshared": [s + p for s, p in zip(shared, private)],
-            "unshared_total": sum(shared) + sum(private), "members": len(shared),
-            "unshared_total_per_member": (sum(shared) + sum(private)) / len(shared)}
+    p = param_count(family)
+    unshared = list(p.unshared.values())
+    return {"bank": p.bank, "coefficients": p.coefficients, "norms_heads": sum(p.private.values()),
+            "members_unshared": unshared, "unshared_total": p.unshared_total, "members": len(unshared),
+            "unshared_total_per_member": p.unshared_total / len(unshared)}
 
 
 @torch.inference_mode()
@@ -105,7 +105,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     built = engine_for(family, name, input_shape, freeze=True)
     params = parameters(family)
     resident, frozen = fly.resident_bytes(), built.resident_bytes()
-    limit = 4 * (params["unshared_total_per_member"] + params["norms_heads"])
+    limit = target_bytes(family)
     flops = count_flops(family, input_shape)
     seconds = args.seconds if args.seconds is not None else (0.5 if args.quick else 20.0)
     rng = torch.Generator().manual_seed(0)

@@ -213,13 +213,15 @@ def generation_section(engine, reps: int) -> dict:
 
 # --- 3. resident bytes --------------------------------------------------------------------------
 def resident_section(engine) -> dict:
+    from npas_serve.engine.memory import target_bytes
+
     family = engine.family
     rb = engine.resident_bytes()
     elem = next(family.generator.parameters()).element_size()
     n = len(engine.names)
     shared = [c * elem for c in family.member_shared_numel()]
     unshared_total = sum(shared)
-    target = unshared_total / n + rb.norms_heads
+    target = target_bytes(family)
     left = engine._stages._prepared     # what the last batch's generation left behind: must be nothing
     return {"bank": rb.bank, "coefficients": rb.coefficients, "norms_heads": rb.norms_heads,
             "cache": rb.cache, "resident_total": rb.total, "members": n,

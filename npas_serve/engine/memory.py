@@ -30,6 +30,15 @@ def state_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def target_bytes(family: Family) -> int:
+    """The resident target with the cache off: one member's share of the members' unshared shared-layer
+    weights (what N independent members hold, divided by N), plus the norms and heads every member keeps.
+    Bank and coefficients must fit in the first part."""
+    elem = next(family.generator.parameters()).element_size()
+    shared = family.member_shared_numel()
+    return int(sum(shared) * elem / len(shared)) + state_bytes(family) - state_bytes(family.generator)
+
+
 def resident_bytes(family: Family, frozen: Sequence[nn.Module] | None, cache: int) -> ResidentBytes:
     bank, coefficients = family.generator.resident_bytes()
     norms_heads = state_bytes(family) - state_bytes(family.generator)
