@@ -41,8 +41,8 @@ class Queue(Protocol):
     def join(self, examples_in_flight: int) -> list[RequestRun]:
         """Queued requests that fit beside `examples_in_flight`, most urgent first."""
 
-    def busy_for(self, ms: float) -> None:
-        """The work in flight is predicted to end in `ms`: what a newcomer waits for."""
+    def busy_for(self, ms: float, examples: int) -> None:
+        """The work in flight (`examples`) is predicted to end in `ms`: what a newcomer waits for."""
 
 
 class _NoQueue:
@@ -52,7 +52,7 @@ class _NoQueue:
     def join(self, examples_in_flight: int) -> list[RequestRun]:
         return []
 
-    def busy_for(self, ms: float) -> None:
+    def busy_for(self, ms: float, examples: int) -> None:
         pass
 
 
@@ -128,7 +128,7 @@ class BatchRunner:
                 if member is None:      # a request in flight that needs nothing: the finally below fails it
                     return
                 self._prepare(flight, member)
-                self.queue.busy_for(self._remaining_ms(flight))
+                self.queue.busy_for(self._remaining_ms(flight), sum(p.run.examples for p in flight))
                 self._member(member, [p for p in flight if p.needs(member)], flight)
         except BaseException as err:    # every request in flight, joined ones included, says so
             failure = err
@@ -136,7 +136,7 @@ class BatchRunner:
         finally:
             self.stages.release()
             self._due = []              # a failed step's answers are not built: the scheduler fails its requests
-            self.queue.busy_for(0.0)
+            self.queue.busy_for(0.0, 0)
             for p in flight:            # nothing may be left waiting
                 if not p.run.done:
                     p.run.fail(failure, "error")

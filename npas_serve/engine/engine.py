@@ -132,7 +132,7 @@ class Engine:
         predicted to pass before its first answer) or DeadlineExceeded (its deadline has passed).
         `RequestRun.cancel()` drops a request."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
-        ahead = self.scheduler.queued_examples()
+        ahead = self.scheduler.ahead_examples()
         runs, admitted = [], []
         for request, deliver, flag in zip(requests, deliveries, flags, strict=True):
             run = RequestRun.start(request, inputs=self._inputs(request), intermediate=flag, deliver=deliver,

@@ -45,6 +45,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._busy_until = 0.0              # perf_counter() the running batch is predicted to end
+        self._in_flight = 0                 # its examples
         self._closed = False
         self.batches = 0                    # batches run so far (tests and benchmarks read it)
         self._thread = threading.Thread(target=self._loop, name="npas-device", daemon=True)
@@ -78,6 +79,11 @@ class BatchScheduler:
     def queued_examples(self) -> int:
         with self._cond:
             return sum(r.examples for r in self._queue)
+
+    def ahead_examples(self) -> int:
+        """Examples queued or in flight: what a newcomer runs beside (its batch, less itself)."""
+        with self._cond:
+            return sum(r.examples for r in self._queue) + self._in_flight
 
     def expected_wait_ms(self, examples: int) -> float:
         """A newcomer's predicted wait before its batch starts: the running batch's remainder, plus
@@ -115,6 +121,7 @@ class BatchScheduler:
                     batch, dropped = self._take()
                     now = time.perf_counter()
                     self._busy_until = now + (self.estimate_ms(batch) / 1000 if batch else 0.0)
+                    self._in_flight = sum(r.examples for r in batch)
                 self._refuse(dropped)           # callbacks outside the lock
                 if not batch:
                     continue
@@ -132,7 +139,7 @@ class BatchScheduler:
             finally:
                 self.batches += bool(batch)
                 with self._cond:
-                    self._busy_until = 0.0
+                    self._busy_until, self._in_flight = 0.0, 0
 
     def join(self, examples_in_flight: int) -> list[RequestRun]:
         """Queued requests that fit beside the work in flight (deadline order), for `execute` to take
@@ -148,10 +155,11 @@ class BatchScheduler:
             run.queue_s, run.batch_examples = now - run.started, examples
         return batch
 
-    def busy_for(self, ms: float) -> None:
-        """`execute` predicts its work in flight ends in `ms`."""
+    def busy_for(self, ms: float, examples: int) -> None:
+        """`execute` predicts its work in flight (`examples`) ends in `ms`."""
         with self._cond:
             self._busy_until = time.perf_counter() + ms / 1000
+            self._in_flight = examples
 
     def expire(self) -> None:
         """Refuse what nobody waits for any more without waiting for the device to be free: the batch
