@@ -90,7 +90,7 @@ def test_outputs_and_parameters_of_an_answer():
                                            "latency_ms": 4.5, "final": True, "exit_reached": 2, "budget_met": True}
     assert tuple(OUTPUTS) == ("probabilities", "predictions", "entropy", "disagreement")
     assert set(PARAMETERS) == {"mode", "ensemble_size", "members", "exit", "latency_budget_ms",
-                               "deadline_unix_ms", "min_confidence"}
+                               "deadline_unix_ms", "sent_unix_ms", "min_confidence"}
 
 
 def test_model_metadata_and_routing():
