@@ -62,7 +62,7 @@ class Client:
     def predict(self, inputs: np.ndarray, *, fmt: str = "json", **knobs) -> InferenceResponse:
         """One answer for a batch `inputs` of shape (B, *input_shape); knobs as in docs/design.md (Serving contract)."""
         reply = self._call(self._stub.Predictions, self._request(inputs, fmt, knobs))
-        return self._decode(reply)
+        return decode_reply(reply)
 
     def stream(self, inputs: np.ndarray, *, fmt: str = "json", **knobs) -> Iterator[InferenceResponse]:
         """Refined answers as each member/exit finishes; the last has final=True."""
@@ -72,7 +72,7 @@ class Client:
                                             timeout=self.timeout, metadata=self._metadata)
         try:
             for reply in call:
-                yield self._decode(reply)
+                yield decode_reply(reply)
         except grpc.RpcError as exc:
             raise ClientError(exc.code().name, exc.details() or "") from None
         finally:
@@ -93,14 +93,7 @@ class Client:
         self.close()
 
     def _request(self, inputs, fmt: str, knobs: dict):
-        """With a deadline, the send time goes too: the server keeps as long for the answer's way back."""
-        from npas_serve.protocol import inference_pb2
-
-        if knobs.get("deadline_unix_ms") is not None and knobs.get("sent_unix_ms") is None:
-            knobs = {**knobs, "sent_unix_ms": round(time.time() * 1000, 3)}
-        return inference_pb2.PredictionsRequest(
-            model_name=self.model_name, model_version=self.model_version,
-            input={"data": encode_request(inputs, fmt, **knobs)})
+        return prediction_request(self.model_name, self.model_version, inputs, fmt, knobs)
 
     def _call(self, method, request):
         import grpc
@@ -118,20 +111,75 @@ class Client:
         except grpc.RpcError as exc:
             raise ClientError(exc.code().name, exc.details() or "") from None
 
-    @staticmethod
-    def _decode(reply) -> InferenceResponse:
-        if reply.HasField("status") and reply.status.code != 0:  # per-message error (StreamPredictions2 style)
-            import grpc
 
-            names = {code.value[0]: code.name for code in grpc.StatusCode}
-            raise ClientError(names.get(reply.status.code, str(reply.status.code)), reply.status.message)
+class AsyncClient:
+    """The same unary call on asyncio (grpc.aio): many calls in flight on one thread, which is what a
+    load generator or an async application wants. `token`: a string, or a callable read for every call.
+
+        async with AsyncClient("127.0.0.1:7070") as client:
+            answer = await client.predict(x, ensemble_size=3)
+    """
+
+    def __init__(self, target: str = "127.0.0.1:7070", model_name: str = "npas",
+                 model_version: str | None = None, token: str | Callable[[], str] | None = None,
+                 timeout: float = 30.0, credentials=None):
+        import grpc
+
+        from npas_serve.protocol import inference_pb2_grpc
+
+        self.model_name, self.model_version, self.timeout = model_name, model_version or "", timeout
+        self._token = token
+        self._channel = (grpc.aio.secure_channel(target, credentials) if credentials
+                         else grpc.aio.insecure_channel(target))
+        self._stub = inference_pb2_grpc.InferenceAPIsServiceStub(self._channel)
+
+    async def predict(self, inputs: np.ndarray, *, fmt: str = "json", **knobs) -> InferenceResponse:
+        import grpc
+
+        token = self._token() if callable(self._token) else self._token
+        request = prediction_request(self.model_name, self.model_version, inputs, fmt, knobs)
         try:
-            return decode_response(reply.prediction)
-        except ValueError as exc:
-            error = _error_body(reply.prediction)
-            if error is not None:
-                raise ClientError(*error) from None
-            raise ClientError("UNKNOWN", f"undecodable answer: {exc}") from None
+            reply = await self._stub.Predictions(request, timeout=self.timeout,
+                                                 metadata=(("authorization", f"Bearer {token}"),) if token else ())
+        except grpc.aio.AioRpcError as exc:
+            raise ClientError(exc.code().name, exc.details() or "") from None
+        return decode_reply(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def prediction_request(model_name: str, model_version: str, inputs, fmt: str, knobs: dict):
+    """A PredictionsRequest; with a deadline, the send time goes too, so the server keeps as long for
+    the answer's way back as the request's way in took."""
+    from npas_serve.protocol import inference_pb2
+
+    if knobs.get("deadline_unix_ms") is not None and knobs.get("sent_unix_ms") is None:
+        knobs = {**knobs, "sent_unix_ms": round(time.time() * 1000, 3)}
+    return inference_pb2.PredictionsRequest(model_name=model_name, model_version=model_version,
+                                            input={"data": encode_request(inputs, fmt, **knobs)})
+
+
+def decode_reply(reply) -> InferenceResponse:
+    """The answer in a PredictionResponse, or the ClientError its status or error body carries."""
+    if reply.HasField("status") and reply.status.code != 0:  # per-message error (StreamPredictions2 style)
+        import grpc
+
+        names = {code.value[0]: code.name for code in grpc.StatusCode}
+        raise ClientError(names.get(reply.status.code, str(reply.status.code)), reply.status.message)
+    try:
+        return decode_response(reply.prediction)
+    except ValueError as exc:
+        error = _error_body(reply.prediction)
+        if error is not None:
+            raise ClientError(*error) from None
+        raise ClientError("UNKNOWN", f"undecodable answer: {exc}") from None
 
 
 def _error_body(payload: bytes) -> tuple[str, str] | None:

@@ -1,12 +1,14 @@
-"""A bounded, threaded gRPC load: the one runner of the reliability tests and the serving benchmark.
+"""A bounded gRPC load: the one runner of the reliability tests and the serving benchmark.
 
-`clients` threads, each with its own channel (`npas_serve.client.Client`), share one
-queue of calls. A run is bounded by the number of calls and, optionally, by a deadline;
-it can be paced (call i leaves at t0 + i / rate) and can give every call a latency
+`clients` concurrent clients, each with its own channel (`npas_serve.client.AsyncClient` on one
+asyncio loop, so the load generator takes little of the cores it shares with the server; v2: a
+thread each), share one queue of calls. A run is bounded by the number of calls and, optionally,
+by a deadline; it can be paced (call i leaves at t0 + i / rate) and can give every call a latency
 budget with the matching absolute deadline, so time queued anywhere counts.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from npas_serve.client import Client
+from npas_serve.client import AsyncClient
 from npas_serve.protocol.response import InferenceResponse
 from tests.support.v2client import V2Client
 
@@ -60,43 +62,77 @@ def run_load(target: str, token: str | None, calls: Sequence[Call], clients: int
              deadline_s: float | None = None, rate_per_s: float | None = None, budget_ms: float | None = None,
              during: Callable[[list[Result]], None] | None = None,
              call_timeout_s: float = CALL_TIMEOUT_S, protocol: str = "torchserve") -> Run:
-    """Send every call (or as many as `deadline_s` allows) from `clients` threads, over TorchServe's
-    gRPC API (`protocol="torchserve"`) or KServe v2's (`"v2"`, tritonclient; the embedded server only).
+    """Send every call (or as many as `deadline_s` allows) from `clients` concurrent clients, over
+    TorchServe's gRPC API (`protocol="torchserve"`: `AsyncClient`s on one asyncio loop, so the load
+    costs the shared cores little) or KServe v2's (`"v2"`, tritonclient, a thread per client; the
+    embedded server only).
 
     `during(results)` runs in the calling thread while the clients work (e.g. to kill a
     worker); `results` is the live list the clients append to.
     """
     results: list[Result] = []
-    lock = threading.Lock()
     todo = iter(enumerate(calls))
     stop_at = None if deadline_s is None else time.monotonic() + deadline_s
     t0 = time.monotonic()
 
-    def client_loop():
-        with (V2Client(target, model_name, timeout=call_timeout_s) if protocol == "v2" else
-              Client(target, model_name, token=token, timeout=call_timeout_s)) as client:
-            while stop_at is None or time.monotonic() < stop_at:
-                with lock:
-                    i, call = next(todo, (None, None))
+    def next_call():
+        """(index, call), or (None, None) when the calls or the time are used up."""
+        if stop_at is not None and time.monotonic() >= stop_at:
+            return None, None
+        return next(todo, (None, None))
+
+    def knobs(call: Call) -> dict:
+        extra = {} if budget_ms is None else {
+            "latency_budget_ms": round(budget_ms, 3), "deadline_unix_ms": round(time.time() * 1000 + budget_ms, 3)}
+        if call.request_id is not None:
+            extra["request_id"] = call.request_id
+        return {**call.knobs, **extra}
+
+    if protocol == "v2":
+        lock = threading.Lock()
+
+        def client_loop():
+            with V2Client(target, model_name, timeout=call_timeout_s) as client:
+                while True:
+                    with lock:
+                        i, call = next_call()
+                    if call is None:
+                        return
+                    if rate_per_s is not None:
+                        time.sleep(max(0.0, t0 + i / rate_per_s - time.monotonic()))
+                    started = time.monotonic()
+                    try:
+                        answer = client.predict(call.inputs, fmt=call.fmt, **knobs(call))
+                        result = Result(call, started, time.monotonic(), answer=answer)
+                    except Exception as err:        # counted, not fatal: the caller judges the run
+                        result = Result(call, started, time.monotonic(), error=err)
+                    with lock:
+                        results.append(result)
+
+        threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    else:
+        async def client_loop(client: AsyncClient):
+            while True:
+                i, call = next_call()               # one thread: no lock
                 if call is None:
                     return
                 if rate_per_s is not None:
-                    time.sleep(max(0.0, t0 + i / rate_per_s - time.monotonic()))
-                extra = {} if budget_ms is None else {
-                    "latency_budget_ms": round(budget_ms, 3),
-                    "deadline_unix_ms": round(time.time() * 1000 + budget_ms, 3)}
-                if call.request_id is not None:
-                    extra["request_id"] = call.request_id
+                    await asyncio.sleep(max(0.0, t0 + i / rate_per_s - time.monotonic()))
                 started = time.monotonic()
                 try:
-                    answer = client.predict(call.inputs, fmt=call.fmt, **call.knobs, **extra)
-                    result = Result(call, started, time.monotonic(), answer=answer)
-                except Exception as err:        # counted, not fatal: the caller judges the run
-                    result = Result(call, started, time.monotonic(), error=err)
-                with lock:
-                    results.append(result)
+                    answer = await client.predict(call.inputs, fmt=call.fmt, **knobs(call))
+                    results.append(Result(call, started, time.monotonic(), answer=answer))
+                except Exception as err:            # counted, not fatal: the caller judges the run
+                    results.append(Result(call, started, time.monotonic(), error=err))
 
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+        async def main():
+            pool = [AsyncClient(target, model_name, token=token, timeout=call_timeout_s) for _ in range(clients)]
+            try:
+                await asyncio.gather(*(client_loop(c) for c in pool))
+            finally:
+                await asyncio.gather(*(c.close() for c in pool))
+
+        threads = [threading.Thread(target=asyncio.run, args=(main(),), daemon=True)]
     for t in threads:
         t.start()
     if during is not None:
