@@ -4,10 +4,11 @@ It is the only place that decides anything about a request: what to run
 (through the planner), in what order, when to stop, and what the answer says.
 The TorchServe handler and the embedded gRPC server only translate to and
 from it. A request is parsed and planned in the caller's thread, then queued;
-one device thread (the scheduler) runs whatever is queued as one batch, each
-member once for every request that needs it (weights generated once per batch),
-and hands each answer back as soon as it exists. Generated weights are dropped
-after each step unless the optional byte-bounded cache keeps them.
+one device thread (the scheduler) runs the requests in flight in rounds, one
+member per round for every request that needs it, newcomers joining between
+rounds (continuous batching), and hands each answer back as soon as it exists.
+Generated weights are dropped once nobody in flight needs them, unless the
+optional byte-bounded cache keeps them.
 """
 from __future__ import annotations
 
