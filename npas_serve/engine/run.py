@@ -73,6 +73,8 @@ def effective_budget_ms(budget_ms: float | None, deadline_unix_ms: float | None,
     return left if budget_ms is None else min(budget_ms, left)
 
 
+NO_BUDGET_DUE_S = 10.0     # when a request without a budget or deadline counts as due
+
 Delivery = Callable[["InferenceResponse | BaseException"], None]
 
 
@@ -118,8 +120,10 @@ class RequestRun:
 
     @property
     def due(self) -> float:
-        """perf_counter() time its budget or deadline ends (inf without either): the batch order."""
-        return math.inf if self.budget_ms is None else self.started + self.budget_ms / 1000
+        """perf_counter() time its budget or deadline ends: the order of the queue and of the rounds.
+        Without either it is due NO_BUDGET_DUE_S after arrival: behind budgeted requests, but never
+        starved by a steady stream of them."""
+        return self.started + (NO_BUDGET_DUE_S if self.budget_ms is None else self.budget_ms / 1000)
 
     def deadline_passed(self) -> bool:
         """Only an absolute deadline is hard (nobody waits after it); a bare budget is a target."""

@@ -176,7 +176,7 @@ def test_a_newcomer_joins_between_members_instead_of_waiting_for_the_whole_plan(
     def first(item):
         order.append(("whole", item.final))
         if not joined:
-            joined.extend(engine.submit([InferenceRequest(inputs=x, ensemble_size=1, budget_ms=60_000)],
+            joined.extend(engine.submit([InferenceRequest(inputs=x, ensemble_size=1, budget_ms=5_000)],
                                         [lambda i: order.append(("newcomer", i.final))]))
 
     whole, = engine.submit([InferenceRequest(inputs=x)], [first], intermediate=True)

@@ -50,7 +50,7 @@ def test_queued_requests_run_together_in_deadline_order_then_arrival():
     s.submit([run("first")])                     # runs alone at once: no wait when idle
     assert device.entered.wait(10)
     now = time.time() * 1000
-    s.submit([run("none-a"), run("late", deadline_unix_ms=now + 60_000), run("soon", budget_ms=30_000),
+    s.submit([run("none-a"), run("late", deadline_unix_ms=now + 6_000), run("soon", budget_ms=3_000),
               run("none-b")])
     device.release.set()
     wait_for(lambda: s.batches == 2)
@@ -185,9 +185,25 @@ def test_newcomers_join_the_work_in_flight_up_to_max_examples():
     s = BatchScheduler(device, lambda runs: 1.0, max_examples=3)
     s.submit([run("first")])
     assert entered.wait(10)
-    s.submit([run("late"), run("soon", budget_ms=30_000), run("big", 2)])
+    s.submit([run("late"), run("soon", budget_ms=3_000), run("big", 2)])
     queued.set()
     wait_for(lambda: s.batches == 2)
     assert joined[0] == ["soon", "late"]          # deadline order, up to 3 examples in flight
     assert joined[1] == []                        # "big" did not fit: it started a run of its own
+    s.close()
+
+
+def test_a_request_without_a_budget_is_not_starved_by_budgeted_ones(monkeypatch):
+    """Without a budget it goes behind budgeted requests, until it has waited NO_BUDGET_DUE_S."""
+    monkeypatch.setattr("npas_serve.engine.run.NO_BUDGET_DUE_S", 0.2)
+    device = Device(hold=True)
+    s = BatchScheduler(device, lambda runs: 1.0, max_examples=1)
+    s.submit([run("hold")])
+    assert device.entered.wait(10)
+    s.submit([run("patient")])
+    time.sleep(0.25)                              # it has now waited past its due time
+    s.submit([run("budgeted", budget_ms=1_000)])
+    device.release.set()
+    wait_for(lambda: s.batches == 3)
+    assert device.batches == [["hold"], ["patient"], ["budgeted"]]
     s.close()
