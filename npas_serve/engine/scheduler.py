@@ -119,15 +119,12 @@ class BatchScheduler:
                         return
                     self._fill()
                     batch, dropped = self._take()
-                    now = time.perf_counter()
-                    self._busy_until = now + (self.estimate_ms(batch) / 1000 if batch else 0.0)
+                    self._busy_until = time.perf_counter() + (self.estimate_ms(batch) / 1000 if batch else 0.0)
                     self._in_flight = sum(r.examples for r in batch)
                 self._refuse(dropped)           # callbacks outside the lock
                 if not batch:
                     continue
-                examples = sum(r.examples for r in batch)
-                for run in batch:
-                    run.queue_s, run.batch_examples = now - run.started, examples
+                self._stamp(batch, 0)
                 self.execute(batch)
             except BaseException as err:    # the batch failed as a whole: every request in it says so
                 log.exception("a batch of %d requests failed", len(batch))
@@ -149,11 +146,15 @@ class BatchScheduler:
                 return []
             batch, dropped = self._take(examples_in_flight)
         self._refuse(dropped)
-        now = time.perf_counter()
-        examples = examples_in_flight + sum(r.examples for r in batch)
+        self._stamp(batch, examples_in_flight)
+        return batch
+
+    @staticmethod
+    def _stamp(batch: list[RequestRun], in_flight: int) -> None:
+        """Each request's time in the queue, and the examples it starts running beside (its own included)."""
+        now, examples = time.perf_counter(), in_flight + sum(r.examples for r in batch)
         for run in batch:
             run.queue_s, run.batch_examples = now - run.started, examples
-        return batch
 
     def busy_for(self, ms: float, examples: int) -> None:
         """`execute` predicts its work in flight (`examples`) ends in `ms`."""
