@@ -43,6 +43,7 @@ BUDGETS = (0.1, 0.25, 0.5)
 EQUAL_BUDGET = 0.25           # the baselines and single-budget methods sit at this budget's stored parameters
 VALIDATION = 0.1
 REFERENCE = "sw-gradient"     # the shared-bank model the baselines are sized to
+ESTIMATORS = 3                # the baselines' estimators: as many as the family's members
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def _run_baseline(job: dict[str, Any]) -> dict[str, Any]:
     from npas_serve.ensemble import calibrate, combine, fit_temperature
     from npas_serve.evaluate import scores
     from npas_serve.train import TrainConfig
-    from npas_serve.train.loop import batches, lr_factor
+    from npas_serve.train.loop import deterministic, fit_epochs, make_optimizer
 
     dataset = _dataset(job)
     split = ValidationSplit.of_data(dataset, VALIDATION, job["seed"])
@@ -178,32 +179,15 @@ def _run_baseline(job: dict[str, Any]) -> dict[str, Any]:
     norm = train.normalisation()
     x, y = torch.from_numpy(norm.apply(train.x_train)), torch.from_numpy(train.y_train)
     cfg = TrainConfig(epochs=job["epochs"], seed=job["seed"])
-    model = sized(job["baseline"], job["params"], seed=job["seed"])
-    decay = [p for p in model.parameters() if p.ndim > 1]          # as make_optimizer: no decay on 1-D
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    steps = len(batches(len(x), cfg.batch_size, cfg.seed, 0))
-    losses = []
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    model = sized(job["baseline"], job["params"], seed=job["seed"], estimators=ESTIMATORS)
+
+    def loss_of(xb, yb):                                # the sum of the estimators' losses
+        return sum(torch.nn.functional.cross_entropy(z, yb) for z in model(xb))     # model: (estimators, B, classes)
+
+    with deterministic():
         torch.manual_seed(cfg.seed)
-        model.train()
-        for epoch in range(cfg.epochs):
-            running = []
-            for i, idx in enumerate(batches(len(x), cfg.batch_size, cfg.seed, epoch)):
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(cfg, epoch * steps + i, cfg.epochs * steps)
-                logits = model(x[idx])                   # (estimators, B, classes)
-                loss = sum(torch.nn.functional.cross_entropy(z, y[idx]) for z in logits)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                running.append(loss.item())
-            losses.append(statistics.mean(running) / len(logits))      # per estimator
-    finally:
-        torch.use_deterministic_algorithms(previous)
+        losses = fit_epochs(model, loss_of, make_optimizer(model, cfg), x, y, cfg, progress=False)
+    losses = [loss / ESTIMATORS for loss in losses]     # per estimator
     model.eval()
     with torch.inference_mode():
         def probs(inputs):

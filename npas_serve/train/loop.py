@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,18 @@ from npas_serve.train.config import TrainConfig
 from npas_serve.train.distributed import mean_over_ranks
 
 
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels inside the block (so a run, and a resumed one, is reproducible bit for
+    bit on CPU), the caller's setting restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     if cfg.schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * step / total))
@@ -27,11 +40,12 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     return 1.0
 
 
-def make_optimizer(family: Family, cfg: TrainConfig) -> torch.optim.Optimizer:
-    no_decay_ids = {id(p) for p in family.generator.no_decay_parameters()}
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or SGD) with weight decay on weights only: 1-D parameters (norms, biases) and, in a
+    family, the generator's coefficients and whatever else it lists get none."""
+    no_decay_ids = ({id(p) for p in model.generator.no_decay_parameters()} if isinstance(model, Family) else set())
     decay, no_decay = [], []
-    for name, p in family.named_parameters():
-        # coefficients, norms and biases (all 1-D or listed by the generator) get no weight decay
+    for name, p in model.named_parameters():
         (no_decay if id(p) in no_decay_ids or p.ndim <= 1 and "generator" not in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
@@ -64,13 +78,24 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
                  y: torch.Tensor, cfg: TrainConfig, start_epoch: int = 0,
                  on_epoch: Callable[[int, float], None] | None = None, progress: bool = True,
                  rank: int = 0, world: int = 1, end_epoch: int | None = None) -> list[float]:
-    """The loop itself, epochs `start_epoch` to `end_epoch` (default: all) of the schedule.
+    """A family's epochs `start_epoch` to `end_epoch` (default: all) of the schedule, on `family_loss`.
 
     `model` is the family, or its DistributedDataParallel wrapper.
     """
+    weights = cfg.exit_weights_for(family.num_exits)
+    return fit_epochs(family, lambda xb, yb: family_loss(model(xb), yb, weights), optimizer, x, y, cfg,
+                      start_epoch, on_epoch, progress, rank, world, end_epoch)
+
+
+def fit_epochs(module: nn.Module, loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+               start_epoch: int = 0, on_epoch: Callable[[int, float], None] | None = None,
+               progress: bool = True, rank: int = 0, world: int = 1, end_epoch: int | None = None) -> list[float]:
+    """The loop itself, for any model and loss (a family, or the benchmark's baselines with the same
+    recipe): per step the schedule's learning rate, `loss_of(x[batch], y[batch])`, one optimiser
+    step; the mean loss of each epoch is returned. `module` is put in train mode, then eval mode."""
     from tqdm import tqdm
 
-    weights = cfg.exit_weights_for(family.num_exits)
     steps_per_epoch = len(batches(len(x), cfg.batch_size, cfg.seed, 0, rank, world))
     total = cfg.epochs * steps_per_epoch
     losses = []
@@ -78,13 +103,13 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
     show = progress and rank == 0
     bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc="train", unit="step",
                disable=not (show and sys.stderr.isatty()), file=sys.stderr, dynamic_ncols=True)
-    family.train()
+    module.train()
     for epoch in range(start_epoch, cfg.epochs if end_epoch is None else end_epoch):
         running, count = 0.0, 0
         for i, idx in enumerate(batches(len(x), cfg.batch_size, cfg.seed, epoch, rank, world)):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, epoch * steps_per_epoch + i, total)
-            loss = family_loss(model(x[idx]), y[idx], weights)
+            loss = loss_of(x[idx], y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -97,5 +122,5 @@ def train_epochs(family: Family, model: nn.Module, optimizer: torch.optim.Optimi
         if on_epoch is not None:
             on_epoch(epoch + 1, losses[-1])
     bar.close()
-    family.eval()
+    module.eval()
     return losses

@@ -28,7 +28,7 @@ from npas_serve.family import Family, FamilySpec, build_family
 from npas_serve.train import gradient, kmeans  # noqa: F401  (registers the searched groupings)
 from npas_serve.train.config import TrainConfig
 from npas_serve.train.distributed import sync_batchnorm
-from npas_serve.train.loop import make_optimizer, train_epochs
+from npas_serve.train.loop import deterministic, make_optimizer, train_epochs
 from npas_serve.train.search import SearchResult
 from npas_serve.train.state import TRAIN_META, load_train_state, save_train_state
 from npas_serve.train.unshare import follow_grown_parameters, unshare_coefficients
@@ -113,9 +113,7 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
     norm = manifest.normalisation if resume else dataset.normalisation()
     x = torch.from_numpy(norm.apply(dataset.x_train))
     y = torch.from_numpy(dataset.y_train)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         if not resume:
             sized = sized_for(spec, dataset)
             found = search_groups(sized, x, y, cfg, dataset)
@@ -128,8 +126,6 @@ def run_training(spec: FamilySpec, cfg: TrainConfig, out: Path, data: str | None
         family.train()
         _check_shapes(family, x, dataset)
         manifest = _train_from(family, manifest, cfg, out, x, y, resume, progress, rank, world)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     return family, manifest
 
 
@@ -157,14 +153,10 @@ def fit(family: Family, data: Dataset | str, config: TrainConfig | None = None,
                         input_shape=list(shaped.input_shape), num_classes=dataset.num_classes, normalisation=norm,
                         budget_params=family.budget_params, data=name, example_shape=list(dataset.input_shape),
                         validation=held_out)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic():
         _check_shapes(family, x, shaped)
         family.train()
         manifest = _train_from(family, manifest, cfg, None, x, y, False, progress, 0, 1)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     return manifest
 
 
