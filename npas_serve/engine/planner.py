@@ -168,10 +168,6 @@ class Planner:
     def _predict(self, steps: Sequence[Step], batch: int) -> float:
         return sum(self.cost.predict(s, batch) for s in steps)
 
-    def fits(self, steps: Sequence[Step], batch: int, started: float, budget_ms: float | None) -> bool:
-        """Whether `steps` are still predicted to finish within the budget, given the time spent."""
-        return budget_ms is None or finishes_within(self._predict(steps, batch), started, budget_ms)
-
 
 def fits_with_margin(predicted_ms: float, started: float, budget_ms: float | None) -> bool:
     """The planner's rule, between steps too: work predicted to take `predicted_ms` may use at most

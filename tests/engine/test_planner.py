@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from npas_serve.engine.planner import CostModel, Planner, Step
+from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within, fits_with_margin
 
 
 def planner(costs_ms=((1, 1, 1), (2, 2, 2), (4, 4, 4)), acc=((0.5, 0.7, 0.9), (0.6, 0.8, 0.95), (0.6, 0.9, 0.99))):
@@ -48,11 +48,13 @@ def test_anytime_picks_the_most_accurate_exit_that_fits():
     assert p.anytime(1, None, None, 0.01).last_exit == 0
 
 
-def test_fits_accounts_for_time_already_spent():
-    p = planner()
+def test_budget_rules_count_the_time_already_spent_and_keep_a_margin():
     started = time.perf_counter()
-    assert p.fits([Step(0, 0)], 1, started, 100)
-    assert not p.fits([Step(2, 0)], 1, started - 1.0, 100)   # a second already spent
+    assert finishes_within(50, started, 100)
+    assert not finishes_within(50, started - 0.06, 100)      # 60 ms already spent
+    assert fits_with_margin(0.9 * SAFETY * 100, started, 100)       # 90 ms of the 100 left, margin included
+    assert not fits_with_margin(1.1 * SAFETY * 100, started, 100)   # 88 ms fits alone, not with the margin
+    assert fits_with_margin(1e9, started, None)              # no budget: anything fits
 
 
 def test_observations_move_predictions_toward_measurements():
