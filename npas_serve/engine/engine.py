@@ -31,6 +31,7 @@ from npas_serve.engine.planner import CostModel, Planner, Step, finishes_within
 from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted
 from npas_serve.engine.scheduler import BatchScheduler
 from npas_serve.engine.stages import StageRunner
+from npas_serve.engine.traces import Traces
 from npas_serve.ensemble import Temperatures
 from npas_serve.family import Family
 from npas_serve.protocol.request import InferenceRequest, RequestError, RequestLimits, parse_request
@@ -54,6 +55,7 @@ class EngineConfig:
     batch_delay_ms: float = 0.0          # wait this long for a batch to fill; 0: run what is queued at once
     queue_examples: int | None = None    # examples waiting at most, past it refused; None: 4 x batch_examples
     threads: int = 1                     # torch intra-op threads (0 leaves torch's default); see set_threads
+    trace: bool = True                   # run stages and generation as TorchScript traces (engine/traces.py)
 
 
 def set_threads(threads: int) -> None:
@@ -70,7 +72,8 @@ class Engine:
         self.config = config or EngineConfig()
         set_threads(self.config.threads)
         self.device = torch.device(self.config.device)
-        self.family = family.to(self.device).eval()
+        # serving never trains: no autograd state, and traces may hold the parameters as constants
+        self.family = family.to(self.device).eval().requires_grad_(False)
         self.manifest = manifest
         self.names = list(family.names)
         self.num_exits = family.num_exits
@@ -79,9 +82,11 @@ class Engine:
                                     example_shapes=tuple(manifest.request_shapes))
         self.cache = WeightCache(self.config.cache_bytes)
         # frozen: any generator's weights baked once into plain members (Family.freeze); no generation per request
-        self._frozen = ([family.freeze(m).eval() for m in range(len(self.names))]
+        self._frozen = ([family.freeze(m).eval().requires_grad_(False) for m in range(len(self.names))]
                         if self.config.freeze else None)
-        self._stages = StageRunner(self.family, self.device, self.cache, self._frozen)
+        traces = (Traces(self.family, self.device, self._frozen, self.limits.input_shape)
+                  if self.config.trace else None)
+        self._stages = StageRunner(self.family, self.device, self.cache, self._frozen, traces)
         self._resident = resident_bytes(self.family, self._frozen, 0)   # fixed at load, but for the cache
         self._observers: list[Callable[[Observation], None]] = []
         self.cost = CostModel(len(self.names), self.num_exits)

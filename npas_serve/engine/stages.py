@@ -2,7 +2,9 @@
 
 The weights come from the generator (on the fly), from the optional cache, or
 are already baked into a frozen member; the stage itself runs through the
-family's `run_stage`, the one place that binds generated weights to layers.
+family's `run_stage`, the one place that binds generated weights to layers, as a
+TorchScript trace of it when there is one (`traces`: the same operators without
+Python between them).
 The steps in flight can be generated together first (`prepare`): one generator call
 reads each bank once for every member needed, and the weights are dropped when the
 step has run, or at `release` when nobody needs them any more.
@@ -17,6 +19,7 @@ import torch
 
 from npas_serve.engine.cache import WeightCache
 from npas_serve.engine.planner import Step
+from npas_serve.engine.traces import Traces, eager_stage
 from npas_serve.family import Family, Member
 
 
@@ -30,11 +33,15 @@ class StageResult:
 
 
 class StageRunner:
-    def __init__(self, family: Family, device: torch.device, cache: WeightCache, frozen: list[Member] | None):
+    def __init__(self, family: Family, device: torch.device, cache: WeightCache, frozen: list[Member] | None,
+                 traces: Traces | None = None):
         self.family = family
         self.device = device
         self.cache = cache
         self.frozen = frozen      # plain members with their weights baked in at load, or None
+        self.traces = traces      # traced stages and generation, or None: everything eager
+        self._eager = {Step(m, s): eager_stage(family, frozen, Step(m, s))
+                       for m in range(len(family.names)) for s in range(family.num_exits)}
         self._prepared: dict[Step, tuple[list[torch.Tensor], float]] = {}   # step -> (weights, its generation s)
 
     def prepare(self, steps: Sequence[Step]) -> None:
@@ -45,7 +52,7 @@ class StageRunner:
         if self.frozen is not None or self.cache.max_bytes or len(steps) < 2:
             return
         t0 = time.perf_counter()
-        weights = self.family.steps_weights([(s.member, s.stage) for s in steps])
+        weights = self._generate(steps)
         elapsed = time.perf_counter() - t0
         numel = [sum(w.numel() for w in ws) for ws in weights]
         total = sum(numel) or 1
@@ -65,23 +72,23 @@ class StageRunner:
         hits, generated_s = 0, 0.0
         prepared = self._prepared.pop(step, None)
         if self.frozen is not None:          # weights baked in at load: nothing to generate
-            member = self.frozen[step.member]
-            t1 = t0
-            h = member.stages[step.stage](h)
+            weights = []
+        elif prepared is not None:
+            weights, generated_s = prepared
+        elif self.cache.max_bytes:
+            before = self.cache.hits
+            weights = self.cache.get((step.member, step.stage), lambda: self._generate([step])[0])
+            hits = self.cache.hits - before
         else:
-            member = self.family.members[step.member]
-            if prepared is not None:
-                weights, generated_s = prepared
-            elif self.cache.max_bytes:
-                before = self.cache.hits
-                weights = self.cache.get((step.member, step.stage),
-                                         lambda: self.family.stage_weights(step.member, step.stage))
-                hits = self.cache.hits - before
-            else:
-                weights = self.family.stage_weights(step.member, step.stage)
-            t1 = time.perf_counter()
-            h = self.family.run_stage(step.member, step.stage, h, weights)
-        probs = member.heads[step.stage](h).softmax(dim=-1)
+            weights = self._generate([step])[0]
+        t1 = time.perf_counter()
+        stage = (self.traces and self.traces.stage(step)) or self._eager[step]
+        h, probs = stage(h, *weights)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StageResult(h, probs, (time.perf_counter() - t0 + generated_s) * 1000, t1 - t0 + generated_s, hits)
+
+    def _generate(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:
+        if self.traces is not None:
+            return self.traces.weights(steps)
+        return self.family.steps_weights([(s.member, s.stage) for s in steps])

@@ -65,9 +65,9 @@ def test_requests_batched_together_get_the_answers_they_get_alone(engine):
 
 def test_each_member_stage_is_generated_once_per_batch(engine, monkeypatch):
     calls = []           # every (member, stage) whose weights are generated, one by one or several at once
-    one, several = engine.family.stage_weights, engine.family.steps_weights
-    monkeypatch.setattr(engine.family, "stage_weights", lambda m, s: calls.append((m, s)) or one(m, s))
-    monkeypatch.setattr(engine.family, "steps_weights", lambda steps: calls.extend(steps) or several(steps))
+    generate = engine._stages._generate      # traced or eager, every generation goes through it
+    monkeypatch.setattr(engine._stages, "_generate",
+                        lambda steps: calls.extend((s.member, s.stage) for s in steps) or generate(steps))
     x = np.zeros((1, 1, 40), np.float32)
     collect(engine, [(InferenceRequest(inputs=x, request_id=str(i)), False) for i in range(12)])
     assert sorted(calls) == sorted({(m, s) for m in range(len(engine.names)) for s in range(engine.num_exits)})

@@ -1,4 +1,5 @@
-"""One interface: a checkpoint made with any method loads into the Engine and answers, frozen or not."""
+"""One interface: a checkpoint made with any method loads into the Engine and answers, frozen or not,
+its stages traced."""
 import numpy as np
 import pytest
 import torch
@@ -38,6 +39,7 @@ def test_any_methods_checkpoint_serves(checkpoint, freeze):
     _, out = checkpoint
     family, manifest = load_checkpoint(out)
     engine = Engine(family, manifest, EngineConfig(warmup_batch_sizes=(1,), freeze=freeze))
+    assert engine._stages.traces.eager_stages == []     # every method's stages run as traces
     x = np.random.default_rng(0).normal(size=(3, 1, 40)).astype(np.float32)
     answer = engine.answer(InferenceRequest(inputs=x))
     assert len(answer.predictions) == 3 and answer.members_used

@@ -1,0 +1,134 @@
+"""The device's work as TorchScript traces: each stage, and each set of weights generated together,
+runs as one graph call, without Python between its operators.
+
+Why: at the batch sizes serving sees, a stage is tens of small operators. Run eagerly,
+each one returns to Python and takes the GIL back, so the Python around the operators
+costs about as much as the arithmetic, and whenever another thread of the server holds
+the GIL (the gRPC loop parsing a request), the device thread waits at every operator.
+A trace runs the same operators, with the same results, in one call.
+
+Traces are made at load and checked before use: a stage traced at one batch size must
+give the eager stage's results at another (a family whose Python bakes a batch size or
+a value into its trace fails the check), and a stage that cannot be traced or fails the
+check runs eagerly, with a warning. A generation trace takes no input: it replays the
+generator's operators on the shared parameters, which do not change while serving; it
+is made the first time a set of steps is generated together, and checked once against
+the eager generation.
+
+`torch.jit.trace` rather than `torch.compile`: a trace is made in milliseconds at load,
+needs no compiler on the serving machine, is not specialised to a batch size (the check
+proves it), and where it is missing or fails, the eager path serves. torch 2.13 marks it
+deprecated; the warning is silenced here, and a torch without it runs everything eagerly.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from npas_serve.engine.planner import Step
+from npas_serve.family import Family, Member
+
+log = logging.getLogger(__name__)
+
+GENERATION_TRACES = 32        # sets of steps whose generation trace is kept (least recently used dropped)
+TRACE_BATCH, CHECK_BATCH = 2, 3
+
+StageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]     # (h, *weights) -> (hidden, probs)
+
+
+class Traces:
+    def __init__(self, family: Family, device: torch.device, frozen: list[Member] | None,
+                 input_shape: Sequence[int]):
+        self.family, self.frozen = family, frozen
+        self._stages: dict[Step, StageFn] = {}
+        self._generation: OrderedDict[tuple[Step, ...], Callable[[], tuple]] = OrderedDict()
+        self.eager_stages: list[Step] = []          # those that run eagerly (could not be traced)
+        with torch.no_grad():
+            for member in range(len(family.names)):
+                self._trace_member(member, torch.randn(CHECK_BATCH, *input_shape, device=device))
+
+    # --- stages -----------------------------------------------------------------------------
+    def stage(self, step: Step) -> StageFn | None:
+        """The traced stage, or None when it runs eagerly."""
+        return self._stages.get(step)
+
+    def _trace_member(self, member: int, x: torch.Tensor) -> None:
+        """Trace each stage of `member` on its real inputs (`x` through the stages before it)."""
+        for stage in range(self.family.num_exits):
+            step = Step(member, stage)
+            eager = eager_stage(self.family, self.frozen, step)
+            weights = () if self.frozen is not None else tuple(self.family.stage_weights(member, stage))
+            try:
+                with _quiet():
+                    traced = torch.jit.trace(eager, (x[:TRACE_BATCH], *weights), check_trace=False)
+                if not _same(traced(x, *weights), eager(x, *weights)):
+                    raise ValueError(f"its trace at batch {TRACE_BATCH} differs from it at batch {CHECK_BATCH}")
+                self._stages[step] = traced
+            except Exception as err:        # anything a trace cannot hold: that stage stays eager
+                log.warning("stage %s of member %s runs eagerly: %s", stage, self.family.names[member],
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                self.eager_stages.append(step)
+            x = eager(x, *weights)[0]
+
+    # --- generation -------------------------------------------------------------------------
+    def weights(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:
+        """`Family.steps_weights` of `steps` through its trace, made on first use."""
+        key = tuple(steps)
+        trace = self._generation.get(key)
+        if trace is None:
+            trace = self._trace_generation(key)
+            self._generation[key] = trace
+            if len(self._generation) > GENERATION_TRACES:
+                self._generation.popitem(last=False)
+        else:
+            self._generation.move_to_end(key)
+        return [list(ws) for ws in trace()]
+
+    def _trace_generation(self, steps: tuple[Step, ...]) -> Callable[[], tuple]:
+        pairs = [(s.member, s.stage) for s in steps]
+
+        def generate() -> tuple:
+            return tuple(tuple(ws) for ws in self.family.steps_weights(pairs))
+        try:
+            with torch.no_grad(), _quiet():
+                traced = torch.jit.trace(generate, (), strict=False, check_trace=False)
+                if all(_same(a, b) for a, b in zip(traced(), generate(), strict=True)):
+                    return traced
+                raise ValueError("its trace differs from it")
+        except Exception as err:
+            log.warning("generating %d steps together runs eagerly: %s", len(steps), str(err).splitlines()[0])
+            return generate
+
+
+def eager_stage(family: Family, frozen: list[Member] | None, step: Step) -> StageFn:
+    """A step as plain Python: its weights bound (none for a frozen member), the stage, the softmax
+    of its exit head."""
+    member = frozen[step.member] if frozen is not None else family.members[step.member]
+    head = member.heads[step.stage]
+
+    def run(h: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if frozen is not None:
+            h = member.stages[step.stage](h)
+        else:
+            h = family.run_stage(step.member, step.stage, h, weights)
+        return h, head(h).softmax(dim=-1)
+    return run
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Tracing without its warnings: constants the trace records (checked instead) and the deprecation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated", category=DeprecationWarning)
+        yield
+
+
+def _same(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+                                    for x, y in zip(a, b))
