@@ -36,6 +36,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ def machine(device: str) -> dict:
 
 
 # --- 1. latency: on the fly against pre-built -----------------------------------------------------
-ARMS = ("on_the_fly", "prebuilt", "engine_frozen")
+ARMS = ("on_the_fly", "prebuilt", "engine_frozen", "prebuilt_traced")
 
 
 def latency_section(engine, frozen_engine, reps: int) -> dict:
@@ -104,7 +105,13 @@ def latency_section(engine, frozen_engine, reps: int) -> dict:
     from npas_serve.protocol.response import encode_request
 
     family, names, norm, device = engine.family, engine.names, engine.manifest.normalisation, engine.device
-    frozen = [family.freeze(m).eval() for m in range(len(names))]
+    frozen = [family.freeze(m).eval().requires_grad_(False) for m in range(len(names))]
+    # the same members as TorchScript traces: the pre-built arm with the engine's own technique (fairness)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # tracer and deprecation notices
+        example = torch.zeros(2, *engine.limits.input_shape, device=device)
+        traced = [torch.jit.trace(lambda h, m=m: frozen[m](h)[-1].softmax(dim=-1), (example,), check_trace=False)
+                  for m in range(len(names))]
     gen_s: list[float] = []
     engine.add_observer(lambda obs: gen_s.append(obs.generation_s))
 
@@ -115,6 +122,11 @@ def latency_section(engine, frozen_engine, reps: int) -> dict:
             probs = [frozen[m](h)[-1].softmax(dim=-1) for m in chosen]
             return combine(probs).predictions.tolist()
 
+    def plain_traced(x: np.ndarray, chosen: list[int]) -> list[int]:
+        with torch.inference_mode():
+            h = torch.from_numpy(norm.apply(x)).to(device)
+            return combine([traced[m](h) for m in chosen]).predictions.tolist()
+
     rng = np.random.default_rng(0)
     cells = []
     for batch in (1, 32):
@@ -124,8 +136,10 @@ def latency_section(engine, frozen_engine, reps: int) -> dict:
             knobs = {"ensemble_size": len(names)} if label == "ensemble" else {"members": [label]}
             request = engine.parse({"data": encode_request(x, "json", **knobs)})
             ref = engine.answer(request)
-            assert ref.predictions == plain(x, chosen), f"{label}: engine and frozen members disagree"
-            arms = (lambda: engine.answer(request), lambda: plain(x, chosen), lambda: frozen_engine.answer(request))
+            assert ref.predictions == plain(x, chosen) == plain_traced(x, chosen), \
+                f"{label}: engine and frozen members disagree"
+            arms = (lambda: engine.answer(request), lambda: plain(x, chosen), lambda: frozen_engine.answer(request),
+                    lambda: plain_traced(x, chosen))
             for _ in range(3):        # warm every path before timing
                 for arm in arms:
                     arm()
@@ -134,8 +148,8 @@ def latency_section(engine, frozen_engine, reps: int) -> dict:
             gen_s.clear()
             faults = {a: 0 for a in ARMS}     # minor page faults: transient weights the allocator maps afresh
             for r in range(reps):
-                for i in range(3):            # ABC, BCA, CAB, ...: no arm always first
-                    which = (r + i) % 3
+                for i in range(len(ARMS)):    # ABCD, BCDA, CDAB, ...: no arm always first
+                    which = (r + i) % len(ARMS)
                     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     t0, c0 = time.perf_counter_ns(), time.process_time_ns()
                     arms[which]()
@@ -148,6 +162,7 @@ def latency_section(engine, frozen_engine, reps: int) -> dict:
             cells.append({"batch": batch, "target": label, "members": [names[m] for m in chosen],
                           **walls, "ratio": walls["on_the_fly"]["median_ms"] / walls["prebuilt"]["median_ms"],
                           "ratio_engine_frozen": walls["on_the_fly"]["median_ms"] / walls["engine_frozen"]["median_ms"],
+                          "ratio_prebuilt_traced": walls["on_the_fly"]["median_ms"] / walls["prebuilt_traced"]["median_ms"],
                           "paired_ratio_median": float(np.median(np.divide(wall["on_the_fly"], wall["prebuilt"]))),
                           "cpu": cpus, "cpu_ratio": cpus["on_the_fly"]["median_ms"] / cpus["prebuilt"]["median_ms"],
                           "generation_ms_median": float(np.median(gen_s)) * 1000,
@@ -417,13 +432,17 @@ def render(res: dict) -> str:
         out.append(f"| {row['name']}{' (' + row['note'] + ')' if row['note'] else ''} | {value} | "
                    f"{'>=' if row['at_least'] else '<='} {row['limit']:g} | {'yes' if row['met'] else 'no'} |")
     out += ["", f"**In-process latency** (ms, median of {lat['reps']} interleaved rounds; cache off; pre-built = "
-            "plain PyTorch modules; engine frozen = the engine serving members frozen at load)", "",
-            "| batch | members | on the fly | pre-built | engine frozen | on the fly / pre-built | "
-            "on the fly / engine frozen | CPU ratio | generation ms |", "|---|---|---|---|---|---|---|---|---|"]
+            "plain PyTorch modules; engine frozen = the engine serving members frozen at load; pre-built traced = "
+            "the plain modules as TorchScript traces, the engine's own technique)", "",
+            "| batch | members | on the fly | pre-built | engine frozen | pre-built traced | on the fly / pre-built | "
+            "on the fly / engine frozen | on the fly / pre-built traced | CPU ratio | generation ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in lat["cells"]:
         out.append(f"| {c['batch']} | {c['target']} | {c['on_the_fly']['median_ms']:.2f} | "
-                   f"{c['prebuilt']['median_ms']:.2f} | {c['engine_frozen']['median_ms']:.2f} | {c['ratio']:.2f}x | "
-                   f"{c['ratio_engine_frozen']:.2f}x | {c['cpu_ratio']:.2f}x | {c['generation_ms_median']:.2f} |")
+                   f"{c['prebuilt']['median_ms']:.2f} | {c['engine_frozen']['median_ms']:.2f} | "
+                   f"{c['prebuilt_traced']['median_ms']:.2f} | {c['ratio']:.2f}x | "
+                   f"{c['ratio_engine_frozen']:.2f}x | {c['ratio_prebuilt_traced']:.2f}x | {c['cpu_ratio']:.2f}x | "
+                   f"{c['generation_ms_median']:.2f} |")
     out += ["", f"Ceiling: the in-process pre-built ensemble at batch 32 runs "
             f"{lat['ceiling']['examples_per_s']:,.0f} examples/s (the engine on the fly: "
             f"{lat['ceiling']['engine_on_the_fly_examples_per_s']:,.0f}).", "",

@@ -247,7 +247,7 @@ def _engine_config(args: argparse.Namespace):
     return EngineConfig(device=args.device, cache_bytes=args.cache_bytes, max_batch=args.max_batch,
                         model_name=args.name, freeze=args.freeze, trust_code=args.trust_code,
                         batch_examples=args.batch_examples, batch_delay_ms=args.batch_delay_ms,
-                        queue_examples=args.queue_examples, threads=args.threads)
+                        queue_examples=args.queue_examples, threads=args.threads, trace=not args.eager)
 
 
 def _add_engine_flags(p) -> None:
@@ -268,6 +268,9 @@ def _add_engine_flags(p) -> None:
     p.add_argument("--freeze", action="store_true",
                    help="generate every member's weights once at load and serve plain modules "
                         "(faster; holds all generated weights instead of only the shared parameters)")
+    p.add_argument("--eager", action="store_true",
+                   help="run stages and weight generation eagerly instead of as TorchScript traces "
+                        "(slower; the traces are checked against eager at load, so this is for debugging)")
     _add_trust_code(p)
 
 

@@ -228,10 +228,11 @@ def test_the_archive_declares_torchserve_batching(served_checkpoint, tmp_path):
     assert BATCH_SIZE > 1
     assert main(["archive", str(served_checkpoint), "--model-store", str(tmp_path), "--batch-size", "8",
                  "--max-batch-delay-ms", "3", "--batch-delay-ms", "1", "--threads", "2",
-                 "--queue-examples", "16"]) == 0
+                 "--queue-examples", "16", "--eager"]) == 0
     with zipfile.ZipFile(tmp_path / "npas.mar") as mar:
         names = {n.rsplit("/", 1)[-1]: n for n in mar.namelist()}
         model_config = mar.read(names[MODEL_CONFIG]).decode()
         engine_config = json.loads(mar.read(names["npas_config.json"]))
     assert "batchSize: 8" in model_config.splitlines() and "maxBatchDelay: 3" in model_config.splitlines()
     assert (engine_config["batch_delay_ms"], engine_config["threads"], engine_config["queue_examples"]) == (1, 2, 16)
+    assert engine_config["trace"] is False
