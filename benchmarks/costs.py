@@ -30,6 +30,8 @@ from npas_serve.checkpoint import Manifest  # noqa: E402
 from npas_serve.data import Normalisation  # noqa: E402
 from npas_serve.engine import Engine, EngineConfig  # noqa: E402
 from npas_serve.engine.memory import target_bytes  # noqa: E402
+from npas_serve.engine.planner import Step  # noqa: E402
+from npas_serve.engine.traces import Traces  # noqa: E402
 from npas_serve.evaluate import count_flops, param_count  # noqa: E402
 from npas_serve.family import Family, FamilySpec, build_family  # noqa: E402
 from npas_serve.protocol.request import InferenceRequest  # noqa: E402
@@ -67,15 +69,18 @@ def parameters(family: Family) -> dict:
 
 
 @torch.inference_mode()
-def generation_ms(family: Family, reps: int) -> list[float]:
-    """Median milliseconds to generate every stage's weights of each member."""
+def generation_ms(family: Family, input_shape: tuple[int, ...], reps: int) -> list[float]:
+    """Median milliseconds to generate every stage's weights of each member in one call, through the
+    engine's generation traces (`Traces.weights`, the path an on-the-fly engine takes)."""
+    traces = Traces(family.requires_grad_(False), torch.device("cpu"), None, input_shape)
     result = []
     for m in range(len(family.members)):
+        steps = [Step(m, s) for s in range(family.num_exits)]
+        traces.weights(steps)                     # the trace is made on first use
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            for s in range(family.num_exits):
-                family.stage_weights(m, s)
+            traces.weights(steps)
             times.append((time.perf_counter() - t0) * 1000)
         result.append(statistics.median(times))
     return result
@@ -116,7 +121,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
                            "coefficients": resident.coefficients, "norms_heads": resident.norms_heads,
                            "pre_built": frozen.total, "members_unshared": 4 * params["unshared_total"],
                            "limit": limit, "within_limit": resident.total <= limit},
-        "generation_ms_per_member": dict(zip(family.names, generation_ms(family, 3 if args.quick else 10))),
+        "generation_ms_per_member": dict(zip(family.names, generation_ms(family, input_shape, 3 if args.quick else 10))),
         "flops_per_example": {"members": dict(zip(family.names, (f[-1] for f in flops))),
                               "ensemble": sum(f[-1] for f in flops)},
         "latency": {str(batch): latency(fly, built, torch.randn(batch, *input_shape, generator=rng), seconds)
