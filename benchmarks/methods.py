@@ -407,6 +407,60 @@ def markdown(rows: list[dict[str, Any]], compared: list[dict[str, Any]], meta: d
     return "\n".join(lines) + "\n"
 
 
+DOC_START, DOC_END = "<!-- methods:start (benchmarks/methods.py --update-doc) -->", "<!-- methods:end -->"
+PLACED = ["sw-gradient", "deep-ensemble", "packed-ensembles", "batchensemble", "unshared"]
+
+
+def doc_block(rows: list[dict[str, Any]], compared: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """docs/methods.md's figures: each question's paired differences, one row per budget, and the
+    shared bank placed against the efficient ensembles at equal stored parameters."""
+    seeds = max((c["seeds"] for c in compared), default=0)
+    out = [f"Command: `{meta['command']}`; {meta['runs']} runs, {meta['epochs']} epochs, up to {seeds} seeds "
+           f"per cell. Each cell: mean of the per-seed differences a - b, with its 95% t-interval; a verdict "
+           f"only where the interval excludes 0.", "",
+           "| question (a vs b) | budget | seeds | ensemble accuracy, points | ensemble NLL | ensemble ECE | verdict |",
+           "|---|---|---:|---|---|---|---|"]
+    cells: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for c in compared:
+        cells.setdefault((c["question"], c["a"], c["b"], c["budget"]), {})[c["metric"]] = c
+    for (question, a, b, budget), by in cells.items():
+        def cell(metric: str, scale: float = 1.0, fmt: str = "+.3f") -> str:
+            c = by[metric]
+            return f"{scale * c['mean_diff']:{fmt}} [{scale * c['ci_low']:{fmt}}, {scale * c['ci_high']:{fmt}}]"
+        verdicts = {m: by[m]["verdict"] for m in HIGHER_IS_BETTER}
+        claims = [f"{v.removesuffix(' better')} on {m.removeprefix('ensemble_')}" for m, v in verdicts.items()
+                  if not v.startswith("no claim")]
+        budget_text = "-" if budget is None else f"{100 * budget:g}%" + (
+            " (pooled)" if any(r["pooled"] for r in rows if r["method"] == a and r["budget"] == budget) else "")
+        out.append(f"| {question} (`{a}` vs `{b}`) | {budget_text} | {by['ensemble_acc']['seeds']} | "
+                   f"{cell('ensemble_acc', 100, '+.2f')} | {cell('ensemble_nll')} | {cell('ensemble_ece')} | "
+                   f"{'; '.join(claims) or 'no claim'} |")
+    out += ["", f"At equal stored parameters ({100 * EQUAL_BUDGET:g}% budget; mean ± standard deviation over seeds; "
+            "ECE after temperature scaling, before it in brackets; latency of the whole ensemble's eager forward "
+            "on one thread, mean over the runs, each measured beside another training run):", "",
+            "| model | stored params | member acc % | ensemble acc % | ensemble NLL | ECE | batch 1 ms | batch 32 ms | seeds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in PLACED:
+        for r in rows:
+            if r["method"] == name and r["budget"] in (None, EQUAL_BUDGET):
+                out.append(f"| {name} | {r['stored_params']:,} | {100 * r['member_acc']:.1f} | "
+                           f"{100 * r['ensemble_acc']:.1f} ± {100 * r['ensemble_acc_std']:.1f} | "
+                           f"{r['ensemble_nll']:.3f} ± {r['ensemble_nll_std']:.3f} | {r['ensemble_ece']:.3f} "
+                           f"({r['ensemble_ece_before']:.3f}) | {r['latency_b1_ms']:.1f} | {r['latency_b32_ms']:.1f} | "
+                           f"{r['seeds']} |")
+    out += ["", f"Wall time: {meta['run_wall_s_total'] / 3600:.1f} h summed over the runs "
+            f"({meta['run_cpu_s_total'] / 3600:.1f} h of CPU over the {meta['runs_with_cpu_s']} runs that record it)."]
+    return "\n".join(out)
+
+
+def update_doc(path: Path, block: str) -> None:
+    text = path.read_text() if path.is_file() else ""
+    if DOC_START not in text or DOC_END not in text:
+        raise SystemExit(f"{path} has no {DOC_START} ... {DOC_END} markers to write between")
+    head, rest = text.split(DOC_START, 1)
+    path.write_text(head + DOC_START + "\n" + block + "\n" + DOC_END + rest.split(DOC_END, 1)[1])
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -431,7 +485,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any],
+                  doc: Path | None = None) -> list[dict[str, Any]]:
     rows = summarise(results)
     compared = comparisons(results)
     curve_path = out / "methods_curve.json"
@@ -444,6 +499,8 @@ def write_outputs(results: list[dict[str, Any]], out: Path, meta: dict[str, Any]
     (out / "methods.json").write_text(json.dumps(payload, indent=1))
     (out / "methods.md").write_text(markdown(rows, compared, meta))
     plot(rows, out / "methods.png")
+    if doc is not None:
+        update_doc(doc, doc_block(rows, compared, meta))
     return rows
 
 
@@ -476,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="skip runs already in OUT/methods.jsonl")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: rewrite methods.json/.md/.png from the runs in OUT/methods.jsonl")
+    parser.add_argument("--update-doc", type=Path, default=None, metavar="DOC",
+                        help="also write the paired comparisons and the equal-parameters table into DOC "
+                             "(docs/methods.md) between its methods:start/end markers")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -488,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             "budgets": list(budgets), "equal_budget": EQUAL_BUDGET, "validation": VALIDATION, "jobs": args.jobs,
             "quick": args.quick}
     if args.report:
-        write_outputs([json.loads(line) for line in log.read_text().splitlines()], args.out, meta)
+        write_outputs([json.loads(line) for line in log.read_text().splitlines()], args.out, meta, args.update_doc)
         return 0
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -519,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_one(job))
                 _log(log, results[-1], len(results), len(done) + len(todo), started)
         meta["wall_s_this_invocation"] = round(time.time() - started, 1)
-        write_outputs(results, args.out, meta)
+        write_outputs(results, args.out, meta, args.update_doc)
     print(f"wrote {args.out}/methods.json, methods.md, methods.png in {time.time() - started:.0f} s", file=sys.stderr)
     return 0
 

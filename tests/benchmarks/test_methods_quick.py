@@ -89,3 +89,19 @@ def test_resume_skips_finished_runs(bench, quick, tmp_path):
     assert bench.main(["--quick", "--out", str(copy), "--resume"]) == 0
     again = json.loads((copy / "methods.json").read_text())
     assert again["runs"] == result["runs"]           # nothing trained twice
+
+
+def test_report_writes_the_claims_and_equal_parameters_tables_into_the_doc(bench, quick, tmp_path):
+    out, result = quick
+    doc = tmp_path / "methods.md"
+    doc.write_text(f"# before\n\n{bench.DOC_START}\nold figures\n{bench.DOC_END}\n\n# after\n")
+    assert bench.main(["--report", "--out", str(out), "--update-doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# before") and text.rstrip().endswith("# after") and "old figures" not in text
+    block = text.split(bench.DOC_START)[1].split(bench.DOC_END)[0]
+    for question, a, b in bench.COMPARISONS:
+        assert f"{question} (`{a}` vs `{b}`)" in block
+    assert all(f"| {name} |" in block for name in bench.PLACED)
+    assert block.count("no claim") >= len(bench.COMPARISONS)      # one seed: no verdict anywhere
+    with pytest.raises(SystemExit, match="markers"):
+        bench.main(["--report", "--out", str(out), "--update-doc", str(tmp_path / "none.md")])
