@@ -46,11 +46,17 @@ class NpasHandler(BaseHandler):
         config.model_name = context.model_name
         config.model_version = str(context.manifest["model"].get("modelVersion", config.model_version))
         self.engine = Engine.load(model_dir, config)
-        sink = TorchServeSink(context.metrics, context.model_name)
-        self.engine.add_observer(lambda obs: record(sink, self.engine, obs))
+        self.sink = TorchServeSink(context.metrics, context.model_name)
+        self.engine.add_observer(lambda obs: record(self.sink, self.engine, obs))
         self.initialized = True
 
     def handle(self, data, context):
+        try:
+            return self._handle(data, context)
+        finally:
+            self.sink.flush()                   # this batch's counters, one line per series
+
+    def _handle(self, data, context):
         kinds = [call_kind(context.get_all_request_header(i)) for i in range(len(data))]
         if kinds and kinds[0] is CallKind.DESCRIBE:      # TorchServe sends a describe alone
             return [self.describe()]

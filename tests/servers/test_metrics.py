@@ -1,0 +1,42 @@
+"""TorchServe's sink: counters summed and gauges sent on change once per batch; histograms sample by sample."""
+from __future__ import annotations
+
+from npas_serve.servers.metrics import BY_NAME, TorchServeSink
+
+
+class Lines:
+    """TorchServe's `context.metrics`, keeping what the worker would print (name, value, labels)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def add_metric(self, name, value, unit, idx, dimensions, metric_type):
+        labels = {d.name: d.value for d in dimensions if d.name not in ("ModelName", "Level")}
+        self.sent.append((name, value, labels))
+
+
+def emit(sink: TorchServeSink, name: str, value: float, **labels) -> None:
+    sink.emit(BY_NAME[name], value, labels)
+
+
+def test_a_batch_sends_one_line_per_counter_series_and_changed_gauge():
+    lines = Lines()
+    sink = TorchServeSink(lines, "npas")
+    for member in ("wide", "wide", "mid"):
+        emit(sink, "npas_members_run_total", 1, member=member)
+    for _ in range(3):
+        emit(sink, "npas_resident_bank_bytes", 1000)
+        emit(sink, "npas_request_latency_seconds", 0.01, mode="ensemble")
+    assert [n for n, _, _ in lines.sent] == ["npas_request_latency_seconds"] * 3    # histograms at once
+    lines.sent.clear()
+    sink.flush()
+    assert sorted(lines.sent, key=str) == sorted([("npas_members_run_total", 2.0, {"member": "wide"}),
+                                                  ("npas_members_run_total", 1.0, {"member": "mid"}),
+                                                  ("npas_resident_bank_bytes", 1000, {})], key=str)
+    lines.sent.clear()
+    emit(sink, "npas_resident_bank_bytes", 1000)       # unchanged: nothing to send
+    sink.flush()
+    assert lines.sent == []
+    emit(sink, "npas_resident_bank_bytes", 2000)
+    sink.flush()
+    assert lines.sent == [("npas_resident_bank_bytes", 2000, {})]
