@@ -1,4 +1,4 @@
-"""The device's work as TorchScript traces: each stage, and each set of weights generated together,
+"""The device's work as TorchScript traces: each stage, and the generation of each stage's weights,
 runs as one graph call, without Python between its operators.
 
 Why: at the batch sizes serving sees, a stage is tens of small operators. Run eagerly,
