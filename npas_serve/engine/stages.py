@@ -5,9 +5,10 @@ are already baked into a frozen member; the stage itself runs through the
 family's `run_stage`, the one place that binds generated weights to layers, as a
 TorchScript trace of it when there is one (`traces`: the same operators without
 Python between them).
-The steps in flight can be generated together first (`prepare`): one generator call
-reads each bank once for every member needed, and the weights are dropped when the
-step has run, or at `release` when nobody needs them any more.
+The steps in flight can be generated together first (`prepare`: eagerly, one generator
+call reads each bank once for every member needed; with traces, each step's own trace
+runs in turn), and the weights are dropped when the step has run, or at `release` when
+nobody needs them any more.
 """
 from __future__ import annotations
 
