@@ -67,17 +67,18 @@ class Traces:
             step = Step(member, stage)
             eager = eager_stage(self.family, self.frozen, step)
             weights = () if self.frozen is not None else tuple(self.family.stage_weights(member, stage))
+            want = eager(x, *weights)
             try:
                 with _quiet():
                     traced = torch.jit.trace(eager, (x[:TRACE_BATCH], *weights), check_trace=False)
-                if not _same(traced(x, *weights), eager(x, *weights)):
+                if not _same(traced(x, *weights), want):
                     raise ValueError(f"its trace at batch {TRACE_BATCH} differs from it at batch {CHECK_BATCH}")
                 self._stages[step] = traced
             except Exception as err:        # anything a trace cannot hold: that stage stays eager
                 log.warning("stage %s of member %s runs eagerly: %s", stage, self.family.names[member],
                             str(err).splitlines()[0] if str(err) else type(err).__name__)
                 self.eager_stages.append(step)
-            x = eager(x, *weights)[0]
+            x = want[0]                     # the next stage's input
 
     # --- generation -------------------------------------------------------------------------
     def weights(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:
