@@ -36,7 +36,7 @@ def exercise(server) -> str:
 
     def scraped() -> bool:                     # TorchServe's frontend publishes metrics asynchronously
         texts.append(urllib.request.urlopen(server.metrics_url, timeout=10).read().decode())
-        return "npas_exit_depth_total{" in texts[-1]
+        return set(BY_NAME) - {"npas_cache_hits_total"} <= exported(texts[-1])
 
     wait_until(scraped, timeout_s=30, interval_s=0.5)
     return texts[-1]
