@@ -289,8 +289,9 @@ def _examples(run: Run) -> dict[str, str]:
 
 
 def paced(run: Run, sent: int, budget_ms: float, share: float, rate: float) -> dict:
-    answers = [r for r in run.answered]
+    answers = run.answered
     within = sum(1 for r in answers if r.latency_ms <= budget_ms)
+    late = [r for r in answers if r.latency_ms > budget_ms]
     codes = _codes(run)
     refused = sum(codes.get(c, 0) for c in REFUSALS)
     other = len(run.failed) - refused
@@ -302,6 +303,10 @@ def paced(run: Run, sent: int, budget_ms: float, share: float, rate: float) -> d
             "lost": sent - len(answers) - len(run.failed),
             "client_within_budget": within, "client_hit_rate": within / sent if sent else 0.0,
             "engine_budget_met": sum(1 for r in answers if r.answer.budget_met),
+            # where the late answers lost their time: the engine's own verdict (its budget is what the
+            # deadline leaves after the way in and the way back), and the client's time outside the engine
+            "late": len(late), "late_engine_said_met": sum(1 for r in late if r.answer.budget_met),
+            "outside_engine": summary([r.latency_ms - r.answer.latency_ms for r in answers]) if answers else None,
             "client_latency": summary([r.latency_ms for r in answers]) if answers else None,
             "members_used_mean": float(np.mean(sizes)) if sizes else 0.0}
 

@@ -4,10 +4,18 @@ The scheduler hands over the requests it took from the queue, and the runner goe
 until none is left, taking newcomers from the queue between members (continuous
 batching at member granularity): a request that arrives while others run waits for the
 member being run, not for the others' whole plans. Each round runs one member, the next
-one the most urgent request (earliest deadline, then arrival) still needs, with its stages
-once on the concatenated examples of every request in flight needing it; the weights of
-every member the requests in flight still need are generated in one call when the round
-needs them and dropped once run, or when nobody needs them any more.
+one the most urgent request still needs, with its stages once on the concatenated examples
+of every request in flight needing it. When a round's member has no weights yet, those of
+every member the requests in flight still need are generated in one call; they serve every
+round until the device goes idle (`run` returns), so a steady load generates a member once
+per busy period, and an idle engine holds only the shared parameters.
+
+Urgency: first answers before refinements, then earliest due, then arrival. An ensemble
+request that has an answer can end at any step with it, one that has none cannot, so a
+newcomer's first member goes before other requests' later members (until those are
+overdue: a request without a budget is never starved). Every round then ends, with the
+answer it has, each request whose next member no longer fits its budget behind the work
+now ahead of it: refinements give way to first answers instead of finishing late.
 
 Between steps a request can leave:
 
@@ -21,6 +29,7 @@ anytime answer after each exit. Every request has ended when `run` returns.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -69,6 +78,15 @@ class _Progress:
     def anytime(self) -> bool:
         return self.run.request.mode == "anytime"
 
+    @property
+    def answered(self) -> bool:
+        """It has an answer it could end with."""
+        return self.given > 0 or bool(self.exits)
+
+    def urgency(self, now: float) -> tuple:
+        """Sort key, most urgent first: no answer yet (or overdue), then due, then arrival."""
+        return self.answered and now < self.run.due, self.run.due, self.run.seq
+
     def needs(self, member: int) -> bool:
         return not self.run.done and member in self.run.plan.members and member not in self.by_member
 
@@ -108,8 +126,11 @@ class BatchRunner:
             total += self.cost.member_ms(m, sum(r.examples for r in group), depth)
         return total
 
-    def _remaining_ms(self, flight: Sequence[_Progress]) -> float:
-        return self._work_ms([(p.run, [m for m in p.run.plan.members if p.needs(m)]) for p in flight])
+    def _newcomer_wait_ms(self, member: int, group: Sequence[_Progress], flight: Sequence[_Progress]) -> float:
+        """What a request arriving now waits for before its first member runs: this round, and the
+        first members of the requests in flight still without an answer (refinements come after it)."""
+        first = [(p.run, [m]) for p in flight if not p.answered and (m := p.next_member()) not in (None, member)]
+        return self.cost.member_ms(member, sum(p.run.examples for p in group)) + self._work_ms(first)
 
     # --- running ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -123,13 +144,19 @@ class BatchRunner:
                 flight = [p for p in flight if self._still_wanted(p)]
                 if not flight:
                     return
-                flight.sort(key=lambda p: (p.run.due, p.run.seq))
+                now = time.perf_counter()
+                flight.sort(key=lambda p: p.urgency(now))
+                self._settle(flight)
+                flight = [p for p in flight if not p.run.done]
+                if not flight:
+                    return
                 member = next((m for p in flight if (m := p.next_member()) is not None), None)
                 if member is None:      # a request in flight that needs nothing: the finally below fails it
                     return
                 self._prepare(flight, member)
-                self.queue.busy_for(self._remaining_ms(flight), sum(p.run.examples for p in flight))
-                self._member(member, [p for p in flight if p.needs(member)], flight)
+                group = [p for p in flight if p.needs(member)]
+                self.queue.busy_for(self._newcomer_wait_ms(member, group, flight), sum(p.run.examples for p in flight))
+                self._member(member, group, flight)
         except BaseException as err:    # every request in flight, joined ones included, says so
             failure = err
             raise
@@ -142,17 +169,17 @@ class BatchRunner:
                     p.run.fail(failure, "error")
 
     def _prepare(self, flight: list[_Progress], member: int) -> None:
-        """Drop prepared weights nobody in flight needs; when `member`'s are not ready, generate in one
-        call those of every member still needed (each bank read once for all of them)."""
+        """When a step of `member` the round runs has no weights yet, generate in one call those of
+        every step the requests in flight still need (each bank read once for all of them)."""
         needed = {}
         for p in flight:
             for m in p.run.plan.members:
                 if p.needs(m):
                     needed[m] = max(needed.get(m, -1), p.depth(self.num_exits))
-        steps = [Step(m, s) for m, depth in needed.items() for s in range(depth + 1)]
-        self.stages.release(keep=steps)
-        if not self.stages.prepared(Step(member, 0)):
-            self.stages.prepare(steps)
+        missing = [Step(m, s) for m, depth in needed.items() for s in range(depth + 1)
+                   if not self.stages.prepared(Step(m, s))]
+        if any(s.member == member for s in missing):
+            self.stages.prepare(missing)
 
     def _member(self, member: int, group: list[_Progress], flight: list[_Progress]) -> None:
         """All stages of one member, each once on the rows of the requests still needing it."""
@@ -166,7 +193,7 @@ class BatchRunner:
             step = Step(member, stage)
             result = self.stages.run(step, h)
             self.cost.observe(step, h.shape[0], result.ms)
-            start = 0
+            start, finished = 0, []
             for p in group:
                 rows = slice(start, start + p.run.examples)
                 start = rows.stop
@@ -175,7 +202,11 @@ class BatchRunner:
                     self._exit(p, stage, result.probs[rows], len(h))
                 elif stage == self.num_exits - 1:
                     p.by_member[member] = result.probs[rows]
-                    self._members_done(p, flight)
+                    finished.append(p)
+            if finished:
+                ahead = self._ahead(flight)
+                for p in finished:
+                    self._members_done(p, ahead[id(p)])
             self._send()
             if stage < depth:
                 group, h = self._keep(group, result.hidden,
@@ -224,29 +255,49 @@ class BatchRunner:
         if last or run.intermediate:
             self._due.append(Due.of(run, p.voters(), stage, last))
 
-    def _members_done(self, p: _Progress, flight: list[_Progress]) -> None:
+    def _settle(self, flight: list[_Progress]) -> None:
+        """End now, with the answer it has, each answered ensemble request whose next member no
+        longer fits behind the work ahead of it (`flight` in urgency order)."""
+        ahead = self._ahead(flight)
+        for p in flight:
+            if p.answered and not p.anytime and not p.run.done and not self._fits(p.run, self._ms_until_next(p, ahead[id(p)])):
+                self._due.append(Due.of(p.run, p.voters(), None, True))
+        self._send()
+
+    def _ahead(self, flight: Sequence[_Progress]) -> dict[int, dict[int, tuple[int, int]]]:
+        """For each request in flight (by id; `flight` in urgency order), the work of the more urgent
+        ones that goes before its next member: member -> (examples, deepest stage). That is the first
+        member of one without an answer, and every member another still needs. One pass, so a round
+        of n requests costs O(n), not O(n^2)."""
+        out, work = {}, {}
+        for p in flight:
+            out[id(p)] = dict(work)
+            for m in [m for m in p.run.plan.members if p.needs(m)][: None if p.answered else 1]:
+                examples, depth = work.get(m, (0, -1))
+                work[m] = (examples + p.run.examples, max(depth, p.depth(self.num_exits)))
+        return out
+
+    def _members_done(self, p: _Progress, ahead: dict[int, tuple[int, int]]) -> None:
         """Answer every member of its plan order now available; the last one it gets is final. Its next
-        member is predicted to end after the work in flight that runs before it (more urgent requests')."""
+        member is predicted to end after the work that goes before it (`ahead`)."""
         run, plan = p.run, p.run.plan
         while p.given < len(plan.members) and plan.members[p.given] in p.by_member:
             p.given += 1
             run.members_run.append(self.answers.names[plan.members[p.given - 1]])
-            last = p.given == len(plan.members) or not self._fits(run, self._ms_until_next(p, flight))
+            last = p.given == len(plan.members) or not self._fits(run, self._ms_until_next(p, ahead))
             if last or run.intermediate:
                 self._due.append(Due.of(run, p.voters(), None, last))
             if last:
                 return
 
-    def _ms_until_next(self, p: _Progress, flight: list[_Progress]) -> float:
-        """Predicted ms until the next member of `p`'s plan order has run: the members more urgent
-        requests still need, then it."""
+    def _ms_until_next(self, p: _Progress, ahead: dict[int, tuple[int, int]]) -> float:
+        """Predicted ms until the next member of `p`'s plan order has run: the work ahead of it, then it
+        (on its examples and those ahead that need it too)."""
         nxt = p.run.plan.members[p.given]
         if nxt in p.by_member:          # it already ran (another request put it first): nothing to wait for
             return 0.0
-        ahead = flight[: flight.index(p)]
-        needs = [(q.run, [m for m in q.run.plan.members if q.needs(m)]) for q in ahead]
-        examples = p.run.examples + sum(q.run.examples for q in ahead if q.needs(nxt))
-        return self._work_ms([(r, [m for m in ms if m != nxt]) for r, ms in needs]) + self.cost.member_ms(nxt, examples)
+        before = sum(self.cost.member_ms(m, examples, depth) for m, (examples, depth) in ahead.items() if m != nxt)
+        return before + self.cost.member_ms(nxt, ahead.get(nxt, (0, -1))[0] + p.run.examples)
 
     def _send(self) -> None:
         """Build the step's answers together (one `combine` per kind) and give them, in order."""

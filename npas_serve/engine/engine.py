@@ -130,23 +130,28 @@ class Engine:
             raise
 
     def submit(self, requests: Sequence[InferenceRequest], deliveries: Sequence[Delivery],
-               intermediate: bool | Sequence[bool] = False) -> list[RequestRun]:
+               intermediate: bool | Sequence[bool] = False, together: bool = False) -> list[RequestRun]:
         """The batched entry: plan each request and queue them together; answers (and the error that
         ends a request: DeadlineExceeded, Cancelled, or the batch's failure) go to its delivery, from
         the device thread, the last answer with `final`. A request refused at admission gets its error
         there at once, from the caller's thread: ResourceExhausted (the queue is full, or its deadline is
         predicted to pass before its first answer) or DeadlineExceeded (its deadline has passed).
-        `RequestRun.cancel()` drops a request."""
+        `RequestRun.cancel()` drops a request.
+
+        `together`: their answers leave together (TorchServe sends its batch's replies at once), so
+        every request with a budget is planned to end when the tightest of them must."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
+        runs = [RequestRun.start(request, inputs=self._inputs(request), intermediate=flag, deliver=deliver,
+                                 on_end=self._notify)
+                for request, deliver, flag in zip(requests, deliveries, flags, strict=True)]
+        if together:
+            RequestRun.end_together(runs)
         ahead = self.scheduler.ahead_examples()
-        runs, admitted = [], []
-        for request, deliver, flag in zip(requests, deliveries, flags, strict=True):
-            run = RequestRun.start(request, inputs=self._inputs(request), intermediate=flag, deliver=deliver,
-                                   on_end=self._notify)
+        admitted = []
+        for run in runs:
             ahead += run.examples
             batch, wait_ms = min(ahead, self.config.batch_examples), self.scheduler.expected_wait_ms(run.examples)
             self._plan(run, batch, wait_ms)
-            runs.append(run)
             if self._admit(run, batch, wait_ms):
                 admitted.append(run)
             else:
@@ -182,10 +187,11 @@ class Engine:
             run.cancel()            # a no-op once it has ended
 
     def answer_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResponse | Exception]:
-        """Final answers of requests queued together (TorchServe's batch); each request's own
-        error (DeadlineExceeded, a failed batch) in its place."""
+        """Final answers of requests queued together (TorchServe's batch), returned together, so
+        planned to end together (`submit(together=True)`); each request's own error
+        (DeadlineExceeded, a failed batch) in its place."""
         boxes = [queue.SimpleQueue() for _ in requests]
-        self.submit(requests, [box.put for box in boxes])
+        self.submit(requests, [box.put for box in boxes], together=True)
         results = []
         for box in boxes:
             while not (isinstance(item := box.get(), BaseException) or item.final):

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -109,6 +109,17 @@ class RequestRun:
                    effective_budget_ms(request.budget_ms, None if deadline is None else deadline - back, now_unix_ms),
                    deadline_at=math.inf if deadline is None else started + (deadline - now_unix_ms) / 1000,
                    way_back_ms=back, **fields)
+
+    @staticmethod
+    def end_together(runs: "Sequence[RequestRun]") -> None:
+        """Budgets of requests whose answers leave together, cut to end when the tightest ends: an
+        answer ready before its neighbours' waits for them anyway, so a neighbour that plans to the
+        end of a longer budget makes it late. Requests without a budget keep none."""
+        ends = [r.started + r.budget_ms / 1000 for r in runs if r.budget_ms is not None]
+        if ends:
+            for r in runs:
+                if r.budget_ms is not None:
+                    r.budget_ms = (min(ends) - r.started) * 1000
 
     # --- clock ---------------------------------------------------------------------------------
     def elapsed_ms(self) -> float:

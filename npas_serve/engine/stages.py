@@ -7,8 +7,9 @@ TorchScript trace of it when there is one (`traces`: the same operators without
 Python between them).
 The steps in flight can be generated together first (`prepare`: eagerly, one generator
 call reads each bank once for every member needed; with traces, each step's own trace
-runs in turn), and the weights are dropped when the step has run, or at `release` when
-nobody needs them any more.
+runs in turn). Prepared weights serve every step that runs them until `release`, which
+the batch calls when the device goes idle: under a steady load a member's weights are
+generated once per busy period, not once per round.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class StageRunner:
         the time (by weights generated) is counted in its own `ms`, so the cost model still sees what
         a step costs."""
         steps = [s for s in steps if s not in self._prepared]
-        if self.frozen is not None or self.cache.max_bytes or len(steps) < 2:
+        if self.frozen is not None or self.cache.max_bytes or not steps:
             return
         t0 = time.perf_counter()
         weights = self._generate(steps)
@@ -62,32 +63,34 @@ class StageRunner:
     def prepared(self, step: Step) -> bool:
         return step in self._prepared
 
-    def release(self, keep: Sequence[Step] = ()) -> None:
-        """Drop the prepared weights of steps not in `keep` (nobody still needs them)."""
-        keep = set(keep)
-        self._prepared = {s: w for s, w in self._prepared.items() if s in keep}
+    def release(self) -> None:
+        """Drop every prepared weight."""
+        self._prepared = {}
 
     def run(self, step: Step, h: torch.Tensor) -> StageResult:
         """Callers hold the scheduler's turn, so the cache's hit count is this step's alone."""
         t0 = time.perf_counter()
         hits, generated_s = 0, 0.0
-        prepared = self._prepared.pop(step, None)
+        prepared = self._prepared.get(step)
         if self.frozen is not None:          # weights baked in at load: nothing to generate
             weights = []
-        elif prepared is not None:
+        elif prepared is not None:           # its generation is counted in the first step that uses it
             weights, generated_s = prepared
+            self._prepared[step] = (weights, 0.0)
         elif self.cache.max_bytes:
             before = self.cache.hits
             weights = self.cache.get((step.member, step.stage), lambda: self._generate([step])[0])
             hits = self.cache.hits - before
+            generated_s = time.perf_counter() - t0
         else:
             weights = self._generate([step])[0]
-        t1 = time.perf_counter()
+            generated_s = time.perf_counter() - t0
         stage = (self.traces and self.traces.stage(step)) or self._eager[step]
         h, probs = stage(h, *weights)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return StageResult(h, probs, (time.perf_counter() - t0 + generated_s) * 1000, t1 - t0 + generated_s, hits)
+        ms = (time.perf_counter() - t0 + (generated_s if prepared is not None else 0.0)) * 1000
+        return StageResult(h, probs, ms, generated_s, hits)
 
     def _generate(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:
         if self.traces is not None:

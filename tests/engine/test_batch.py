@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+from npas_serve.engine.planner import SAFETY
 from npas_serve.engine import Cancelled, DeadlineExceeded, Engine, EngineConfig, ResourceExhausted
 from npas_serve.protocol import InferenceRequest
 
@@ -186,6 +187,49 @@ def test_a_newcomer_joins_between_members_instead_of_waiting_for_the_whole_plan(
     assert order.index(("newcomer", True)) < order.index(("whole", True))
     assert joined[0].batch_examples == 2           # it ran beside the request in flight
     assert len(order) == len(engine.names) + 1
+
+
+def test_a_refinement_gives_way_to_a_newcomers_first_answer(engine):
+    """A request that has an answer ends with it when its next member no longer fits its budget behind a
+    newcomer's first member (it would fit alone); the newcomer goes first instead of waiting for it."""
+    x = np.zeros((1, 1, 40), np.float32)
+    first_member, second = engine.planner.member_order[:2]
+    events, held, joined = [], [], []
+
+    def answered(item):
+        events.append(("held", item.final, len(item.members_used)))
+        if joined:
+            return
+        joined.extend(engine.submit([InferenceRequest(inputs=x, members=(engine.names[first_member],))],
+                                    [lambda i: events.append(("newcomer", i.final))]))
+        # wait (on the device thread, so nothing runs meanwhile) until the held request's next member
+        # would fit on its own but not behind the newcomer's
+        alone = engine.cost.member_ms(second, 1)
+        behind = alone + engine.cost.member_ms(first_member, 1)
+        left_ms = (alone + behind) / 2 / SAFETY
+        run = held[0]
+        time.sleep(max(0.0, run.started + (run.budget_ms - left_ms) / 1000 - time.perf_counter()))
+
+    budget = 50 * sum(engine.cost.member_ms(m, 1) for m in range(len(engine.names)))
+    held.extend(engine.submit([InferenceRequest(inputs=x, budget_ms=budget)], [answered], intermediate=True))
+    end = time.monotonic() + 30
+    while not (held[0].done and joined and joined[0].done) and time.monotonic() < end:
+        time.sleep(0.005)
+    assert events[0] == ("held", False, 1)
+    assert events[1] == ("held", True, 1)        # ended with the answer it had, before the newcomer ran
+    assert events[2] == ("newcomer", True)
+
+
+def test_a_torchserve_batch_is_planned_to_the_tightest_budget_of_its_requests(engine):
+    """TorchServe returns a batch's answers at once: a roomy request planned to its own budget would
+    hold a tight neighbour's answer past its budget, so it runs what the tight one can afford."""
+    x = np.zeros((1, 1, 40), np.float32)
+    one = min(engine.cost.member_ms(m, 2) for m in range(len(engine.names)))
+    tight = InferenceRequest(inputs=x, budget_ms=1.2 * one / SAFETY, request_id="tight")   # one member
+    roomy = InferenceRequest(inputs=x, budget_ms=60_000, request_id="roomy")
+    assert len(engine.answer(roomy).members_used) == len(engine.names)       # alone: the whole ensemble
+    answers = engine.answer_batch([tight, roomy])
+    assert [len(a.members_used) for a in answers] == [1, 1]
 
 
 def test_a_delivery_that_fails_loses_only_its_own_answer(engine):

@@ -42,3 +42,12 @@ def test_stage_results_add_up_in_the_observation():
     assert (obs.mode, obs.status, obs.members_run, obs.generation_s, obs.cache_hits) == \
         ("ensemble", "ok", ["m0"], 0.5, 1)
     assert obs.exit_depth is None and obs.budget_missed is False and obs.latency_s >= 0
+
+
+def test_requests_answered_together_end_when_the_tightest_budget_ends():
+    x = np.zeros((1, 1, 40), np.float32)
+    runs = [RequestRun.start(InferenceRequest(inputs=x, budget_ms=b)) for b in (50.0, 20.0, None)]
+    RequestRun.end_together(runs)
+    ends = [r.started * 1000 + r.budget_ms for r in runs[:2]]
+    assert ends[0] == pytest.approx(ends[1]) and runs[1].budget_ms == pytest.approx(20.0)
+    assert runs[2].budget_ms is None            # no budget: none imposed
