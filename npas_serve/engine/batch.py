@@ -144,7 +144,7 @@ class BatchRunner:
                 flight = [p for p in flight if self._still_wanted(p)]
                 if not flight:
                     return
-                now = time.perf_counter()
+                now = time.perf_counter()         # the round starts: its overhead is measured from here
                 flight.sort(key=lambda p: p.urgency(now))
                 self._settle(flight)
                 flight = [p for p in flight if not p.run.done]
@@ -156,7 +156,8 @@ class BatchRunner:
                 self._prepare(flight, member)
                 group = [p for p in flight if p.needs(member)]
                 self.queue.busy_for(self._newcomer_wait_ms(member, group, flight), sum(p.run.examples for p in flight))
-                self._member(member, group, flight)
+                steps_ms = self._member(member, group, flight)
+                self.cost.observe_round((time.perf_counter() - now) * 1000 - steps_ms)
         except BaseException as err:    # every request in flight, joined ones included, says so
             failure = err
             raise
@@ -181,18 +182,21 @@ class BatchRunner:
         if any(s.member == member for s in missing):
             self.stages.prepare(missing)
 
-    def _member(self, member: int, group: list[_Progress], flight: list[_Progress]) -> None:
-        """All stages of one member, each once on the rows of the requests still needing it."""
+    def _member(self, member: int, group: list[_Progress], flight: list[_Progress]) -> float:
+        """All stages of one member, each once on the rows of the requests still needing it; the
+        milliseconds its steps took."""
         depth = max(p.depth(self.num_exits) for p in group)
         h = torch.cat([p.run.inputs for p in group]) if len(group) > 1 else group[0].run.inputs
+        steps_ms = 0.0
         for stage in range(depth + 1):
             self.queue.expire()
             group, h = self._keep(group, h, [p for p in group if self._still_wanted(p)])
             if not group:
-                return
+                return steps_ms
             step = Step(member, stage)
             result = self.stages.run(step, h)
             self.cost.observe(step, h.shape[0], result.ms)
+            steps_ms += result.ms
             start, finished = 0, []
             for p in group:
                 rows = slice(start, start + p.run.examples)
@@ -211,6 +215,7 @@ class BatchRunner:
             if stage < depth:
                 group, h = self._keep(group, result.hidden,
                                       [p for p in group if not p.run.done and p.depth(self.num_exits) > stage])
+        return steps_ms
 
     def _keep(self, group: list[_Progress], h: torch.Tensor, kept: list[_Progress]) -> tuple[list[_Progress], torch.Tensor]:
         """The rows of `h` that belong to the requests still in the batch."""

@@ -27,7 +27,7 @@ from npas_serve.engine.answer import Answers
 from npas_serve.engine.batch import BatchRunner
 from npas_serve.engine.cache import WeightCache
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
-from npas_serve.engine.planner import CostModel, Planner, Step, finishes_within
+from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within
 from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted
 from npas_serve.engine.scheduler import BatchScheduler
 from npas_serve.engine.stages import StageRunner
@@ -222,6 +222,8 @@ class Engine:
     def _admit(self, run: RequestRun, batch: int, wait_ms: float) -> bool:
         """Refuse at once (ResourceExhausted) a request whose deadline is predicted to pass, given the
         queue ahead, before its first answer: it would only cost work and end in DEADLINE_EXCEEDED.
+        The prediction is the optimistic one (SAFETY x the planned time, the planner's margin turned
+        the other way): a refusal is a certain miss, a request that may still make it is run.
         A bare budget is a target, not a refusal: its late answer still reaches the caller."""
         if run.deadline_at == math.inf:
             return True
@@ -230,7 +232,7 @@ class Engine:
                                       "nothing was computed"), "deadline")
             return False
         first_ms = wait_ms + self.planner.first_answer_ms(run.plan, batch)
-        if finishes_within(first_ms, run.started, (run.deadline_at - run.started) * 1000 - run.way_back_ms):
+        if finishes_within(first_ms * SAFETY, run.started, (run.deadline_at - run.started) * 1000 - run.way_back_ms):
             return True
         run.fail(ResourceExhausted(f"deadline_unix_ms: the queue ahead ({wait_ms:.0f} ms predicted) and the "
                                    f"first answer ({first_ms - wait_ms:.0f} ms) end after the deadline; nothing "

@@ -4,7 +4,10 @@ The unit of work is a (member, stage) step: generate the stage's weights, run
 it, run its exit head. At load the engine times every step at a few batch
 sizes and fits ``ms = a + b * batch`` per step; every executed step then
 nudges a per-step correction factor (an exponential moving average of
-observed / predicted), so the model follows the machine it runs on.
+observed / predicted), so the model follows the machine it runs on. A member
+runs as one round of the batch, and a round costs more than its steps (taking
+newcomers, building and handing over answers): that overhead is measured on
+every round, averaged the same way, and counted once per member.
 
 Choices under a budget, "most accuracy per millisecond first":
 - ensemble: members ranked by final-exit accuracy per predicted ms, added
@@ -53,6 +56,7 @@ class CostModel:
         self.intercept = np.zeros(self.shape)
         self.slope = np.zeros(self.shape)
         self.correction = np.ones(self.shape)
+        self.round_ms = 0.0            # a round's cost beyond its steps, learnt while serving
         self._lock = threading.Lock()
 
     def fit(self, measure: Callable[[int, int], list[float]], batch_sizes: Sequence[int] = (1, 8, 32),
@@ -85,9 +89,15 @@ class CostModel:
             c = self.correction[step.member, step.stage]
             self.correction[step.member, step.stage] = (1 - EMA) * c + EMA * (ms / raw)
 
+    def observe_round(self, ms: float) -> None:
+        """A round's wall time beyond the steps it ran."""
+        with self._lock:
+            self.round_ms = (1 - EMA) * self.round_ms + EMA * max(ms, 0.0)
+
     def member_ms(self, member: int, batch: int, upto: int | None = None) -> float:
+        """One member's round: its steps up to `upto` (default: all), and the round's overhead."""
         last = self.shape[1] - 1 if upto is None else upto
-        return sum(self.predict(Step(member, s), batch) for s in range(last + 1))
+        return sum(self.predict(Step(member, s), batch) for s in range(last + 1)) + self.round_ms
 
 
 class Planner:
@@ -166,7 +176,9 @@ class Planner:
         return self._predict(first, batch)
 
     def _predict(self, steps: Sequence[Step], batch: int) -> float:
-        return sum(self.cost.predict(s, batch) for s in steps)
+        """The steps, and a round's overhead per member they belong to."""
+        rounds = len({s.member for s in steps})
+        return sum(self.cost.predict(s, batch) for s in steps) + rounds * self.cost.round_ms
 
 
 def fits_with_margin(predicted_ms: float, started: float, budget_ms: float | None) -> bool:

@@ -22,6 +22,7 @@ from npas_serve.errors import UserError
 from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, encode_response
 from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
 from npas_serve.servers.answers import awaited_answers
+from npas_serve.servers.heap import freeze_loaded
 from npas_serve.servers.metrics import PrometheusSink, record
 from npas_serve.servers.v2.grpc_service import add_v2_servicer
 from npas_serve.servers.v2.rest import start_rest_server
@@ -165,6 +166,7 @@ async def _serve(engine: Engine, host: str, grpc_port: int, metrics_port: int, m
             await server.stop(None)
         engine.close()
         raise
+    freeze_loaded()                # everything loaded so far is never scanned again (servers/heap.py)
     await server.start()
     for service in ("", SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

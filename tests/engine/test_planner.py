@@ -65,6 +65,18 @@ def test_observations_move_predictions_toward_measurements():
     assert abs(cost.predict(Step(0, 0), 1) - 3.0) < 0.05
 
 
+def test_a_rounds_overhead_is_learnt_and_counted_once_per_member():
+    p = planner()
+    plan = p.ensemble(1, 2, None, None)
+    before = p.first_answer_ms(plan, 1), p.cost.member_ms(0, 1)
+    for _ in range(100):
+        p.cost.observe_round(0.5)
+    assert abs(p.cost.round_ms - 0.5) < 0.01
+    assert p.cost.member_ms(0, 1) == before[1] + p.cost.round_ms           # once per member, not per stage
+    assert p.first_answer_ms(plan, 1) == before[0] + p.cost.round_ms
+    assert p.ensemble(1, 2, None, None).predicted_ms == plan.predicted_ms + 2 * p.cost.round_ms
+
+
 def test_from_report_reads_accuracies_and_order_by_member_name():
     from npas_serve.evaluate import ExitScore, ParamCount, Report
 

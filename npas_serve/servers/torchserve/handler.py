@@ -22,6 +22,7 @@ from ts.utils.util import PredictionException
 
 from npas_serve.engine import DeadlineExceeded, Engine, EngineConfig, ResourceExhausted
 from npas_serve.protocol import InferenceRequest, RequestError, encode_response
+from npas_serve.servers.heap import freeze_loaded
 from npas_serve.servers.metrics import TorchServeSink, record
 from npas_serve.servers.torchserve.archive import CONFIG
 from npas_serve.servers.torchserve.calls import CallKind, call_kind
@@ -48,6 +49,7 @@ class NpasHandler(BaseHandler):
         self.engine = Engine.load(model_dir, config)
         self.sink = TorchServeSink(context.metrics, context.model_name)
         self.engine.add_observer(lambda obs: record(self.sink, self.engine, obs))
+        freeze_loaded()                 # the loaded engine is never scanned again (servers/heap.py)
         self.initialized = True
 
     def handle(self, data, context):
