@@ -145,6 +145,17 @@ class AsyncClient:
             raise ClientError(exc.code().name, exc.details() or "") from None
         return decode_reply(reply)
 
+    async def connect(self, timeout: float | None = None) -> None:
+        """Open the connection now (TCP and HTTP/2 set up), so the first call does not pay for it;
+        ClientError UNAVAILABLE if the server does not accept it within `timeout` (default: the
+        client's)."""
+        import asyncio
+
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self.timeout if timeout is None else timeout)
+        except asyncio.TimeoutError:
+            raise ClientError("UNAVAILABLE", "the server did not accept a connection in time") from None
+
     async def close(self) -> None:
         await self._channel.close()
 

@@ -99,6 +99,9 @@ def test_servers_answered_and_figures_add_up(quick):
     kinds = ["embedded"] + (["torchserve"] if shutil.which("java") else [])
     if not shutil.which("java"):
         assert "skipped" in res["servers"]["torchserve"]
+    # one budget for every server: the user's, from the slowest server's 1-client p50
+    user_ms = BUDGET_FACTOR * max(res["servers"][k]["p50_1_client_ms"] for k in kinds)
+    assert all(math.isclose(res["servers"][k]["budget_ms"], user_ms) for k in kinds)
     for kind in kinds:
         sec = res["servers"][kind]
         assert "skipped" not in sec, sec
@@ -111,9 +114,14 @@ def test_servers_answered_and_figures_add_up(quick):
             positive_summary(r["client_latency"], r["requests"])
             assert math.isclose(r["little_mean_ms"], r["clients"] / r["requests_per_s"] * 1000)
         assert sec["capacity_req_s"] == max(r["requests_per_s"] for r in sec["batch1"])
-        assert math.isclose(sec["budget_ms"], BUDGET_FACTOR * sec["batch1"][0]["client_latency"]["median_ms"])
-        assert [p["share_of_capacity"] for p in sec["paced"]] == res["config"]["paced_shares"]
+        assert sec["p50_1_client_ms"] == sec["batch1"][0]["client_latency"]["median_ms"]
+        assert math.isclose(sec["own_budget_ms"], BUDGET_FACTOR * sec["p50_1_client_ms"])
+        user = [p for p in sec["paced"] if p["budget"] == "user"]
+        assert [p["share_of_capacity"] for p in user] == res["config"]["paced_shares"]
+        own = [p for p in sec["paced"] if p["budget"] == "own"]       # a faster server's own, tighter budget
+        assert [p["share_of_capacity"] for p in own] == ([0.5, 0.9] if sec["own_budget_ms"] < 0.9 * sec["budget_ms"] else [])
         for p in sec["paced"]:
+            assert p["budget_ms"] == (sec["budget_ms"] if p["budget"] == "user" else sec["own_budget_ms"])
             assert math.isclose(p["rate_per_s"], p["share_of_capacity"] * sec["capacity_req_s"])
             assert p["offered_per_s"] > 0
             assert p["sent"] == p["answered"] + p["refused"] + p["other_errors"] + p["lost"]

@@ -4,6 +4,7 @@ The fake server checks the token the way TorchServe 0.12's GRPCInterceptor
 does (metadata `authorization: Bearer <token>`, else PERMISSION_DENIED).
 """
 
+import asyncio
 import json
 import re
 from concurrent import futures
@@ -13,9 +14,10 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from npas_serve.client import Client, ClientError  # noqa: E402
+from npas_serve.client import AsyncClient, Client, ClientError  # noqa: E402
 from npas_serve.protocol import (InferenceResponse, RequestError, RequestLimits, encode_response,  # noqa: E402
                                  inference_pb2, inference_pb2_grpc, parse_request)
+from tests.support.servers import free_port  # noqa: E402
 
 LIMITS = RequestLimits(input_shape=(1, 4), member_names=("m0", "m1"), num_exits=2)
 TOKEN = "s3cret"
@@ -135,3 +137,20 @@ def test_unreachable_server():
     with Client("127.0.0.1:1", timeout=1) as client, pytest.raises(ClientError) as info:
         client.ping()
     assert info.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_async_client_connects_before_its_first_call(target):
+    async def connected_then_predict():
+        async with AsyncClient(target, token=TOKEN, timeout=5) as client:
+            await client.connect()
+            return await client.predict(np.zeros((1, 1, 4)), request_id="a-1")
+    assert asyncio.run(connected_then_predict()).request_id == "a-1"
+
+
+def test_async_client_connect_to_nothing_is_unavailable():
+    async def connect():
+        async with AsyncClient(f"127.0.0.1:{free_port()}", timeout=0.5) as client:
+            await client.connect()
+    with pytest.raises(ClientError) as info:
+        asyncio.run(connect())
+    assert info.value.code == "UNAVAILABLE"

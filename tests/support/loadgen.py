@@ -3,7 +3,8 @@
 `clients` concurrent clients, each with its own channel (`npas_serve.client.AsyncClient` on one
 asyncio loop, so the load generator takes little of the cores it shares with the server; v2: a
 thread each), share one queue of calls. A run is bounded by the number of calls and, optionally,
-by a deadline; it can be paced (call i leaves at t0 + i / rate) and can give every call a latency
+by a deadline (counted, as the pacing, from when every client has connected); it can be paced
+(call i leaves at t0 + i / rate) and can give every call a latency
 budget with the matching absolute deadline, so time queued anywhere counts.
 """
 from __future__ import annotations
@@ -126,8 +127,14 @@ def run_load(target: str, token: str | None, calls: Sequence[Call], clients: int
                     results.append(Result(call, started, time.monotonic(), error=err))
 
         async def main():
+            nonlocal t0, stop_at
             pool = [AsyncClient(target, model_name, token=token, timeout=call_timeout_s) for _ in range(clients)]
             try:
+                # every connection open before the clock starts: a load of steady clients, not a burst
+                # of 64 handshakes in the first paced calls
+                await asyncio.gather(*(c.connect() for c in pool))
+                t0 = time.monotonic()
+                stop_at = None if deadline_s is None else t0 + deadline_s
                 await asyncio.gather(*(client_loop(c) for c in pool))
             finally:
                 await asyncio.gather(*(c.close() for c in pool))
@@ -138,7 +145,7 @@ def run_load(target: str, token: str | None, calls: Sequence[Call], clients: int
     if during is not None:
         during(results)
     for t in threads:
-        t.join(None if stop_at is None else max(0.0, stop_at - time.monotonic()) + call_timeout_s)
+        t.join(None if deadline_s is None else deadline_s + 2 * call_timeout_s)    # connecting, then the calls
     if any(t.is_alive() for t in threads):
         raise RuntimeError("load clients still running after the deadline")
     return Run(list(results), time.monotonic() - t0)
