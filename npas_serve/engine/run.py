@@ -155,19 +155,20 @@ class RequestRun:
         self.cache_hits += result.cache_hits
 
     def give(self, answer: InferenceResponse) -> None:
-        """Deliver an answer; a final one ends the request."""
+        """Deliver an answer; a final one ends the request, observed first: a caller holding its final
+        answer finds the request in the metrics (TorchServe's handler sends them when its batch ends)."""
         if self.done:
             return
         self.last = answer
-        self._deliver(answer)
         if answer.final:
             self._end("ok")
+        self._deliver(answer)
 
     def fail(self, error: BaseException, status: str) -> None:
         if self.done:
             return
-        self._deliver(error)
         self._end(status)
+        self._deliver(error)
 
     def _deliver(self, item: "InferenceResponse | BaseException") -> None:
         """A delivery that fails is its caller's loss alone: logged, never the batch's failure."""

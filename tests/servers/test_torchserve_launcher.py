@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 import yaml
 
 from npas_serve.servers.metrics import METRICS
-from npas_serve.servers.torchserve.launcher import Ports, config_properties, group_alive, metrics_yaml, read_config
+from npas_serve.servers.torchserve.launcher import (PER_REQUEST_LOGGERS, Ports, config_properties, group_alive,
+                                                    log_config, metrics_yaml, read_config)
 from npas_serve.servers.torchserve.processes import group_pids
 
 
@@ -26,6 +28,19 @@ def test_metrics_yaml_declares_every_project_metric_with_its_labels():
     declared = {m["name"]: m for kind in yaml.safe_load(metrics_yaml())["model_metrics"].values() for m in kind}
     for spec in METRICS:
         assert declared[spec.name]["dimensions"] == ["ModelName", "Level", *spec.labels]
+
+
+def test_log_config_keeps_the_files_and_drops_the_per_request_lines():
+    root = ET.fromstring(log_config())
+    appenders = {a.get("name") for a in root.find("Appenders")}
+    assert {"access_log", "model_log", "ts_log"} <= appenders          # TorchServe's files, as users know them
+    loggers = {lg.get("name"): lg for lg in root.find("Loggers").findall("Logger")}
+    assert loggers["ACCESS_LOG"].get("level") == "info"               # a line per request stays
+    frontend = loggers["org.pytorch.serve"]
+    assert (frontend.get("level"), frontend.get("additivity")) == ("info", "false")    # once, not debug
+    for name in PER_REQUEST_LOGGERS:
+        assert loggers[name].get("level") == "warn"
+    assert root.find("Loggers").find("Root").get("level") == "warn"
 
 
 def test_group_pids_lists_the_live_members_of_a_group_and_not_its_zombies():
