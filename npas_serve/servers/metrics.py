@@ -9,6 +9,7 @@ metrics declared there.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Protocol
@@ -52,6 +53,7 @@ METRICS = (
     MetricSpec("npas_cache_hits_total", "counter", "Stage weights served from the cache", ()),
 )
 BY_NAME = {m.name: m for m in METRICS}
+log = logging.getLogger(__name__)
 
 
 class Sink(Protocol):
@@ -118,38 +120,61 @@ class PrometheusSink:
 class TorchServeSink:
     """TorchServe's `context.metrics`: the frontend exports them on :8082/metrics.
 
-    Each TorchServe metric is a log line the worker prints and the frontend parses, and at
-    about ten a request they cost a loaded server a fifth of its throughput (issue 10). So
-    counters are summed and gauges kept at their last value until `flush`, once per
-    TorchServe batch, which prints a line per counter series that moved and per gauge that
-    changed; histograms, whose samples cannot be summed, still go out one by one.
+    Each TorchServe metric is a line the worker prints and the frontend parses; at about ten a
+    request, printed on the device thread before each answer, they cost a loaded server a fifth
+    of its throughput (issue 10). So nothing is printed on a request's way: counters are summed,
+    gauges kept at their last value and histogram samples (which cannot be summed) queued, and
+    `flush` sends them: a line per counter series that moved, per gauge that changed, per sample.
+    The handler asks for it after each TorchServe batch (`flush_soon`), and a thread of the sink's
+    own does it beside the next batch.
     """
 
     def __init__(self, metrics, model_name: str):
         self.metrics = metrics
         self.model_name = model_name
-        self._lock = threading.Lock()             # emit runs on the device thread, flush on the handler's
+        self._lock = threading.Lock()             # emit runs on the device thread, flush on the sink's
         self._counts: dict[tuple[MetricSpec, tuple[tuple[str, str], ...]], float] = {}
         self._gauges: dict[MetricSpec, tuple[float, float | None]] = {}    # spec -> (value, value last sent)
+        self._samples: list[tuple[MetricSpec, float, dict[str, str]]] = []
+        self._due = threading.Event()
+        self._flusher: threading.Thread | None = None
 
     def emit(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
-        if spec.kind == "histogram":
-            self._send(spec, value, labels)
-            return
         with self._lock:
-            if spec.kind == "counter":
+            if spec.kind == "histogram":
+                self._samples.append((spec, value, labels))
+            elif spec.kind == "counter":
                 key = (spec, tuple(sorted(labels.items())))
                 self._counts[key] = self._counts.get(key, 0.0) + value
             else:
                 self._gauges[spec] = (value, self._gauges.get(spec, (None, None))[1])
 
+    def flush_soon(self) -> None:
+        """Have the sink's thread flush, off the caller's way."""
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_when_due, name="npas-metrics", daemon=True)
+            self._flusher.start()
+        self._due.set()
+
+    def _flush_when_due(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                self.flush()
+            except Exception:          # a metric that cannot be sent must not stop the next ones
+                log.exception("sending metrics to TorchServe failed")
+
     def flush(self) -> None:
-        """Send what was summed since the last flush, and the gauges that changed."""
+        """Send what was queued and summed since the last flush, and the gauges that changed."""
         with self._lock:
             counts, self._counts = self._counts, {}
+            samples, self._samples = self._samples, []
             gauges = [(spec, value) for spec, (value, sent) in self._gauges.items() if value != sent]
             for spec, value in gauges:
                 self._gauges[spec] = (value, value)
+        for spec, value, labels in samples:
+            self._send(spec, value, labels)
         for (spec, labels), value in counts.items():
             self._send(spec, value, dict(labels))
         for spec, value in gauges:

@@ -1,7 +1,9 @@
-"""TorchServe's sink: counters summed and gauges sent on change once per batch; histograms sample by sample."""
+"""TorchServe's sink: nothing printed on a request's way; counters summed, gauges sent on change and
+histogram samples one by one when the sink flushes, on a thread of its own after each batch."""
 from __future__ import annotations
 
 from npas_serve.servers.metrics import BY_NAME, TorchServeSink
+from tests.support.wait import wait_until
 
 
 class Lines:
@@ -27,12 +29,13 @@ def test_a_batch_sends_one_line_per_counter_series_and_changed_gauge():
     for _ in range(3):
         emit(sink, "npas_resident_bank_bytes", 1000)
         emit(sink, "npas_request_latency_seconds", 0.01, mode="ensemble")
-    assert [n for n, _, _ in lines.sent] == ["npas_request_latency_seconds"] * 3    # histograms at once
-    lines.sent.clear()
+    assert lines.sent == []                                  # nothing on the requests' way
     sink.flush()
     assert sorted(lines.sent, key=str) == sorted([("npas_members_run_total", 2.0, {"member": "wide"}),
                                                   ("npas_members_run_total", 1.0, {"member": "mid"}),
-                                                  ("npas_resident_bank_bytes", 1000, {})], key=str)
+                                                  ("npas_resident_bank_bytes", 1000, {})]
+                                                 + [("npas_request_latency_seconds", 0.01, {"mode": "ensemble"})] * 3,
+                                                 key=str)
     lines.sent.clear()
     emit(sink, "npas_resident_bank_bytes", 1000)       # unchanged: nothing to send
     sink.flush()
@@ -40,3 +43,14 @@ def test_a_batch_sends_one_line_per_counter_series_and_changed_gauge():
     emit(sink, "npas_resident_bank_bytes", 2000)
     sink.flush()
     assert lines.sent == [("npas_resident_bank_bytes", 2000, {})]
+
+
+def test_flush_soon_sends_from_the_sinks_own_thread():
+    lines = Lines()
+    sink = TorchServeSink(lines, "npas")
+    emit(sink, "npas_requests_total", 1, mode="ensemble", status="ok")
+    emit(sink, "npas_queue_seconds", 0.002)
+    sink.flush_soon()                                        # returns at once; the sink's thread sends
+    wait_until(lambda: len(lines.sent) == 2, timeout_s=10, interval_s=0.01)
+    assert sorted(lines.sent, key=str) == sorted([("npas_requests_total", 1.0, {"mode": "ensemble", "status": "ok"}),
+                                                  ("npas_queue_seconds", 0.002, {})], key=str)

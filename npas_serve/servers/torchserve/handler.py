@@ -56,7 +56,7 @@ class NpasHandler(BaseHandler):
         try:
             return self._handle(data, context)
         finally:
-            self.sink.flush()                   # this batch's counters, one line per series
+            self.sink.flush_soon()              # this batch's metrics, beside the next batch
 
     def _handle(self, data, context):
         kinds = [call_kind(context.get_all_request_header(i)) for i in range(len(data))]
