@@ -16,7 +16,7 @@ import yaml
 
 from npas_serve.cli import build_parser
 from npas_serve.servers.metrics import BY_NAME, METRICS
-from npas_serve.servers.torchserve.launcher import Ports, config_properties, metrics_yaml
+from npas_serve.servers.torchserve.launcher import Ports, config_properties, log_config, metrics_yaml
 from tests.support.deploy import DEPLOY, ROOT, dashboard, dashboard_queries, metric_family, prometheus_binary
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
@@ -154,6 +154,9 @@ def test_container_config_is_the_code_config(tmp_path):
     declared = yaml.safe_load((tmp_path / "on" / "metrics.yaml").read_text())["model_metrics"]
     assert {m["name"] for ms in declared.values() for m in ms} >= set(BY_NAME)
     assert (tmp_path / "on" / "metrics.yaml").read_text() == metrics_yaml()
+    # the JVM reads the quiet log configuration written beside config.properties
+    assert f"vmargs=-Dlog4j.configurationFile=file://{tmp_path / 'on' / 'log4j2.xml'}" in on
+    assert (tmp_path / "on" / "log4j2.xml").read_text() == log_config()
 
 
 def test_compose_and_kustomize_refer_to_files_that_exist():

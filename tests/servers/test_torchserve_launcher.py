@@ -36,6 +36,7 @@ def test_log_config_keeps_the_files_and_drops_the_per_request_lines():
     assert {"access_log", "model_log", "ts_log"} <= appenders          # TorchServe's files, as users know them
     loggers = {lg.get("name"): lg for lg in root.find("Loggers").findall("Logger")}
     assert loggers["ACCESS_LOG"].get("level") == "info"               # a line per request stays
+    assert all(lg.get("additivity") == "false" for lg in loggers.values() if lg.find("AppenderRef") is not None)
     frontend = loggers["org.pytorch.serve"]
     assert (frontend.get("level"), frontend.get("additivity")) == ("info", "false")    # once, not debug
     for name in PER_REQUEST_LOGGERS:

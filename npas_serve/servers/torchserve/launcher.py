@@ -45,13 +45,14 @@ class Ports:
 # hand-offs, each metric line the worker prints): under load, about 30 formatted lines per request,
 # several written twice, took a share of the frontend's CPU on the cores the workers need.
 PER_REQUEST_LOGGERS = ("org.pytorch.serve.wlm", "org.pytorch.serve.job")
+LOG_CONFIG = "log4j2.xml"         # in the run directory, beside config.properties, which points at it
 
 
 def log_config() -> str:
     """TorchServe's own log4j2.xml (from its frontend jar), less its per-request chatter: the frontend
-    at INFO (not DEBUG), the loggers of PER_REQUEST_LOGGERS at WARN, its lines written once (not again through the root logger),
-    the console at WARN. Files, the access log (a line per request) and the workers' own output
-    (model_log.log) are kept."""
+    at INFO (not DEBUG), the loggers of PER_REQUEST_LOGGERS at WARN, every line written once (to its
+    logger's own file, not again through the root logger's), the console at WARN. The files, the
+    access log (a line per request) and the workers' own output (model_log.log) are kept."""
     import zipfile
     import xml.etree.ElementTree as ET
 
@@ -61,9 +62,10 @@ def log_config() -> str:
         root = ET.fromstring(jar.read("log4j2.xml"))
     loggers = root.find("Loggers")
     for logger in loggers.findall("Logger"):
+        if logger.find("AppenderRef") is not None:          # its own file: not the root's appenders too
+            logger.set("additivity", "false")
         if logger.get("name") == "org.pytorch.serve":       # debug by default
             logger.set("level", "info")
-            logger.set("additivity", "false")
     for name in PER_REQUEST_LOGGERS:
         quiet = ET.SubElement(loggers, "Logger", name=name, level="warn", additivity="false")
         ET.SubElement(quiet, "AppenderRef", ref="ts_log")
@@ -107,6 +109,8 @@ def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports,
         "install_py_dep_per_model": "false",
         "model_metrics_auto_detect": "false",
         "disable_system_metrics": "true",
+        # the frontend's logging without its per-request lines (`log_config`), wherever this file is used
+        "vmargs": f"-Dlog4j.configurationFile=file://{Path(run_dir).resolve() / LOG_CONFIG}",
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
@@ -155,15 +159,14 @@ def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchser
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     (run_dir / "metrics.yaml").write_text(metrics_yaml())
-    (run_dir / "log4j2.xml").write_text(log_config())
+    (run_dir / LOG_CONFIG).write_text(log_config())
     (run_dir / "config.properties").write_text(
         config_properties(run_dir, model_store, host, ports, dev, token_lifetime_min))
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     env = dict(os.environ, **(env or {}), TMPDIR=str(run_dir), TEMP=str(run_dir),
                LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
     cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
-           "--ts-config", str(run_dir / "config.properties"), "--log-config", str(run_dir / "log4j2.xml"),
-           "--model-store", str(model_store),
+           "--ts-config", str(run_dir / "config.properties"), "--model-store", str(model_store),
            "--models", f"{name}={name}.mar"]
     if dev:
         cmd.append("--disable-token-auth")
