@@ -17,16 +17,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from npas_serve.servers.torchserve.launcher import LOG_CONFIG, Ports, config_properties, log_config, metrics_yaml
+from npas_serve.servers.torchserve.launcher import Ports, write_config
 
 
 def write(run_dir: Path, model_store: Path, host: str = "0.0.0.0", token_auth: bool = True) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.yaml").write_text(metrics_yaml())
-    (run_dir / LOG_CONFIG).write_text(log_config())        # config.properties points the JVM at it
-    config = config_properties(run_dir, model_store, host, Ports(), dev=not token_auth)
-    (run_dir / "config.properties").write_text(config)
-    return run_dir / "config.properties"
+    return write_config(run_dir, model_store, host, Ports(), dev=not token_auth)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,19 @@ def config_properties(run_dir: Path, model_store: Path, host: str, ports: Ports,
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
 
+def write_config(run_dir: Path, model_store: Path, host: str, ports: Ports, dev: bool,
+                 token_lifetime_min: float = TOKEN_LIFETIME_MIN) -> Path:
+    """Write what TorchServe reads at start into `run_dir`: config.properties, and the metrics YAML and
+    log configuration it names. `start` and the container images both write them here, so they
+    never drift apart. Returns the path of config.properties."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.yaml").write_text(metrics_yaml())
+    (run_dir / LOG_CONFIG).write_text(log_config())
+    config = run_dir / "config.properties"
+    config.write_text(config_properties(run_dir, model_store, host, ports, dev, token_lifetime_min))
+    return config
+
+
 @dataclass
 class RunConfig:
     """What a run directory's config.properties says: so `status` and `stop` need no port flags."""
@@ -156,12 +169,8 @@ def start(model_store: Path, name: str = "npas", run_dir: Path = Path(".torchser
         raise UserError("java is not on PATH; TorchServe needs Java 17 (apt-get install openjdk-17-jre-headless)")
     if running_pid(run_dir) is not None:
         raise UserError(f"TorchServe from {run_dir} is already running (pid {running_pid(run_dir)}); stop it first")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, model_store, host, ports, dev, token_lifetime_min)
     (run_dir / "logs").mkdir(exist_ok=True)
-    (run_dir / "metrics.yaml").write_text(metrics_yaml())
-    (run_dir / LOG_CONFIG).write_text(log_config())
-    (run_dir / "config.properties").write_text(
-        config_properties(run_dir, model_store, host, ports, dev, token_lifetime_min))
     (run_dir / KEY_FILE).unlink(missing_ok=True)
     env = dict(os.environ, **(env or {}), TMPDIR=str(run_dir), TEMP=str(run_dir),
                LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
