@@ -106,6 +106,8 @@ def test_servers_answered_and_figures_add_up(quick):
         sec = res["servers"][kind]
         assert "skipped" not in sec, sec
         assert sec["start_s"] > 0
+        for warm_up in (sec["warm_up"], sec["paced_warm_up"]):    # each server run warmed before it is measured
+            assert warm_up["windows_req_s"] and min(warm_up["windows_req_s"]) > 0 and warm_up["calls"] > 0
         assert [r["clients"] for r in sec["batch1"]] == res["config"]["clients_batch1"] == [1, 4, 16, 64]
         assert [r["clients"] for r in sec["batch32"]] == res["config"]["clients_batch32"] == [1, 4]
         for r in sec["batch1"] + sec["batch32"]:
