@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -27,7 +26,6 @@ from npas_serve.checkpoint import Manifest, load_checkpoint
 from npas_serve.engine.answer import Answers
 from npas_serve.engine.batch import BatchRunner
 from npas_serve.engine.cache import WeightCache
-from npas_serve.engine.kernels import onednn_from
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
 from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within
 from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted
@@ -91,8 +89,6 @@ class Engine:
         self._stages = StageRunner(self.family, self.device, self.cache, self._frozen, traces)
         self._resident = resident_bytes(self.family, self._frozen, 0)   # fixed at load, but for the cache
         self._observers: list[Callable[[Observation], None]] = []
-        if self.device.type == "cpu" and self._frozen is None:     # before the cost model times anything
-            self._stages.onednn_from = onednn_from(self._time_round)
         self.cost = CostModel(len(self.names), self.num_exits)
         self.cost.fit(self._time_member, self.config.warmup_batch_sizes)
         self.planner = Planner.from_manifest(self.cost, self.names, manifest)
@@ -252,22 +248,6 @@ class Engine:
                 log.exception("an observer failed on %s", observation)
 
     # --- warm-up ------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _time_round(self, batch: int) -> float:
-        """Milliseconds of every member's stages at `batch` on weights generated beforehand (the
-        kernels' difference, without the generation both share)."""
-        self._stages.prepare([Step(m, s) for m in range(len(self.names)) for s in range(self.num_exits)])
-        x = torch.randn(batch, *self.limits.input_shape, device=self.device)
-        try:
-            t0 = time.perf_counter()
-            for member in range(len(self.names)):
-                h = x
-                for s in range(self.num_exits):
-                    h = self._stages.run(Step(member, s), h).hidden
-            return (time.perf_counter() - t0) * 1000
-        finally:
-            self._stages.release()
-
     @torch.inference_mode()
     def _time_member(self, member: int, batch: int) -> list[float]:
         """Milliseconds of each stage (generation + stage + head) of `member` at `batch`."""

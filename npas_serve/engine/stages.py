@@ -14,14 +14,12 @@ generated once per busy period, not once per round.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from npas_serve.engine.cache import WeightCache
-from npas_serve.engine.kernels import onednn
 from npas_serve.engine.planner import Step
 from npas_serve.engine.traces import Traces, eager_stage
 from npas_serve.family import Family, Member
@@ -47,7 +45,6 @@ class StageRunner:
         self._eager = {Step(m, s): eager_stage(family, frozen, Step(m, s))
                        for m in range(len(family.names)) for s in range(family.num_exits)}
         self._prepared: dict[Step, tuple[list[torch.Tensor], float]] = {}   # step -> (weights, its generation s)
-        self.onednn_from = 1      # smaller batches run with oneDNN off (engine/kernels.py); 1: PyTorch's choice
 
     def prepare(self, steps: Sequence[Step]) -> None:
         """Generate the weights of `steps` (those not prepared yet) in one call; each step's share of
@@ -89,8 +86,7 @@ class StageRunner:
             weights = self._generate([step])[0]
             generated_s = time.perf_counter() - t0
         stage = (self.traces and self.traces.stage(step)) or self._eager[step]
-        with onednn(False) if len(h) < self.onednn_from else nullcontext():
-            h, probs = stage(h, *weights)
+        h, probs = stage(h, *weights)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ms = (time.perf_counter() - t0 + (generated_s if prepared is not None else 0.0)) * 1000
