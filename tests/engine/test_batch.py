@@ -159,6 +159,7 @@ def test_a_deadline_the_queue_ahead_makes_unreachable_is_refused_at_admission(en
     try:
         assert engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 + 5_000)).final
         monkeypatch.setattr(engine.scheduler, "expected_wait_ms", lambda examples: 10_000.0)
+        monkeypatch.setattr(engine.scheduler, "ahead_examples", lambda: 1)        # the device is busy
         with pytest.raises(ResourceExhausted, match="deadline_unix_ms: the queue ahead"):
             engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 + 5_000))
         assert seen[-1].status == "overloaded" and seen[-1].members_run == [] and seen[-1].generation_s == 0
@@ -166,6 +167,24 @@ def test_a_deadline_the_queue_ahead_makes_unreachable_is_refused_at_admission(en
         assert late.final and len(late.members_used) == 1
     finally:
         engine._observers.remove(seen.append)
+
+
+def test_an_idle_engine_runs_what_its_cost_model_would_refuse_and_learns_from_it(engine, monkeypatch):
+    """A cost model inflated by a burst (here 10,000x) does not lock the server into refusing: with the
+    device free, a deadline it predicts to miss is run, answered, and its prediction corrected."""
+    x = np.zeros((1, 1, 40), np.float32)
+    monkeypatch.setattr(engine.cost, "correction", engine.cost.correction * 10_000)
+    deadline_ms, inflated = 200.0, engine.cost.correction.copy()
+    end = time.monotonic() + 10          # the previous test's last round may still be closing
+    while engine.scheduler.ahead_examples() and time.monotonic() < end:
+        time.sleep(0.001)
+    fastest = min(engine.planner.first_answer_ms(engine.planner.ensemble(1, None, [m], None), 1)
+                  for m in range(len(engine.names)))
+    assert fastest * SAFETY > deadline_ms          # busy, it would be refused at admission
+    answer = engine.answer(InferenceRequest(inputs=x, deadline_unix_ms=time.time() * 1000 + deadline_ms))
+    assert answer.final and answer.members_used
+    m = engine.names.index(answer.members_used[0])
+    assert (engine.cost.correction[m] < inflated[m]).all()       # what ran corrected its prediction
 
 
 def test_a_newcomer_joins_between_members_instead_of_waiting_for_the_whole_plan(engine):
