@@ -197,8 +197,9 @@ def test_generate_returns_requested_slots_in_order():
     ss = slots((4, 2, 3), (8, 4, 3), (8, 8, 3))
     gen = SuperWeights(ss, [0, 0, 0], budget=5000)
     together = gen.generate([2, 0])
-    assert torch.equal(together[0], gen.generate([2])[0])
-    assert torch.equal(together[1], gen.generate([0])[0])
+    # the same values; not always the same bits, since one product for both rounds differently on some CPUs
+    torch.testing.assert_close(together[0], gen.generate([2])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1], gen.generate([0])[0], rtol=1e-5, atol=1e-6)
     assert [tuple(w.shape) for w in together] == [(8, 8, 3), (4, 2, 3)]
 
 

@@ -35,7 +35,10 @@ def test_abandoned_max_batch_calls_do_not_delay_the_next_request(server, pool, r
             request = inference_pb2.PredictionsRequest(model_name="npas", input={"data": payload})
             futures.append(stub.Predictions.future(request, timeout=0.001, metadata=metadata(server)))
         codes = [f.code().name for f in futures]
-    assert set(codes) == {"DEADLINE_EXCEEDED"}, codes
+    # each call ends on its deadline, unanswered: the client's own timer says DEADLINE_EXCEEDED; when the
+    # server's reset for the same deadline arrives first (TorchServe's gRPC-java frontend resets the
+    # stream on a busy machine), the client says CANCELLED
+    assert set(codes) <= {"DEADLINE_EXCEEDED", "CANCELLED"}, codes
     started = time.monotonic()
     reply = raw_predict(server, {"data": encode_request(pool[:2])}, timeout=60)
     took = time.monotonic() - started
