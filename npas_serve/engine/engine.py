@@ -141,14 +141,18 @@ class Engine:
         `together`: their answers leave together (TorchServe sends its batch's replies at once), so
         every request with a budget is planned to end when the tightest of them must."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
-        runs = [RequestRun.start(request, inputs=self._inputs(request), intermediate=flag, deliver=deliver,
-                                 on_end=self._notify)
+        runs = [RequestRun.start(request, intermediate=flag, deliver=deliver, on_end=self._notify)
                 for request, deliver, flag in zip(requests, deliveries, flags, strict=True)]
         if together:
             RequestRun.end_together(runs)
         ahead = self.scheduler.ahead_examples()
         admitted = []
         for run in runs:
+            if run.deadline_passed():        # the client has gone: nothing is prepared for nobody
+                run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed before the request was run; "
+                                          "nothing was computed"), "deadline")
+                continue
+            run.inputs = self._inputs(run.request)
             idle = ahead == 0                # nothing queued or running: it would run at once
             ahead += run.examples
             batch, wait_ms = min(ahead, self.config.batch_examples), self.scheduler.expected_wait_ms(run.examples)
@@ -232,13 +236,7 @@ class Engine:
         inflated (an overload, a noisy neighbour) would otherwise refuse every tight deadline forever,
         learning nothing: a benchmark run after an overload had every call of a 10 ms budget refused,
         each predicted at 13 ms for a member that takes 1-3."""
-        if run.deadline_at == math.inf:
-            return True
-        if run.deadline_passed():      # the client has gone: nobody waits for this answer
-            run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed before the request was run; "
-                                      "nothing was computed"), "deadline")
-            return False
-        if idle:
+        if run.deadline_at == math.inf or idle:
             return True
         first_ms = wait_ms + self.planner.first_answer_ms(run.plan, batch)
         if finishes_within(first_ms * SAFETY, run.started, (run.deadline_at - run.started) * 1000 - run.way_back_ms):

@@ -7,6 +7,7 @@ its gRPC deadline passed) drops the request's remaining work from the queue or t
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import AsyncIterator
 
 from npas_serve.engine import Engine
@@ -16,11 +17,14 @@ from npas_serve.protocol import InferenceRequest, InferenceResponse
 async def awaited_answers(engine: Engine, request: InferenceRequest,
                           intermediate: bool) -> AsyncIterator[InferenceResponse]:
     """Each answer as it exists, the last one `final`; the error that ended the request is raised."""
-    loop = asyncio.get_running_loop()
+    loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
     box: asyncio.Queue = asyncio.Queue()
 
-    def deliver(item) -> None:               # on the device thread
-        try:
+    def deliver(item) -> None:
+        if threading.get_ident() == loop_thread:    # refused in `submit`, on the loop: no wake-up needed
+            box.put_nowait(item)
+            return
+        try:                                 # from the device thread
             loop.call_soon_threadsafe(box.put_nowait, item)
         except RuntimeError:                 # the loop has closed: the server stopped, nobody waits
             pass
