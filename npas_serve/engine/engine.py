@@ -148,7 +148,7 @@ class Engine:
         ahead = self.scheduler.ahead_examples()
         admitted = []
         for run in runs:
-            if run.deadline_passed():        # the client has gone: nothing is prepared for nobody
+            if run.deadline_passed():        # the client has gone: no work for an answer nobody waits for
                 run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed before the request was run; "
                                           "nothing was computed"), "deadline")
                 continue
