@@ -10,6 +10,7 @@ import pytest
 from npas_serve.engine.planner import SAFETY
 from npas_serve.engine import Cancelled, DeadlineExceeded, Engine, EngineConfig, ResourceExhausted
 from npas_serve.protocol import InferenceRequest
+from tests.support.wait import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +176,8 @@ def test_an_idle_engine_runs_what_its_cost_model_would_refuse_and_learns_from_it
     x = np.zeros((1, 1, 40), np.float32)
     monkeypatch.setattr(engine.cost, "correction", engine.cost.correction * 10_000)
     deadline_ms, inflated = 200.0, engine.cost.correction.copy()
-    end = time.monotonic() + 10          # the previous test's last round may still be closing
-    while engine.scheduler.ahead_examples() and time.monotonic() < end:
-        time.sleep(0.001)
+    # the previous test's last round may still be closing
+    assert wait_until(lambda: engine.scheduler.ahead_examples() == 0, timeout_s=10, interval_s=0.001)
     fastest = min(engine.planner.first_answer_ms(engine.planner.ensemble(1, None, [m], None), 1)
                   for m in range(len(engine.names)))
     assert fastest * SAFETY > deadline_ms          # busy, it would be refused at admission
