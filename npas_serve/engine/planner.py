@@ -18,6 +18,7 @@ Accuracies come from the evaluation report in the manifest (`Planner.from_manife
 """
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -48,16 +49,58 @@ class Plan:
     predicted_ms: float
 
 
+class _Table:
+    """One (members, stages) array of the cost model. Callers read it (a read-only view) or set it
+    whole; either way the model's per-step figures stay in step with it (`CostModel._refresh`)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = "_" + name
+
+    def __get__(self, model: "CostModel | None", owner=None):
+        if model is None:
+            return self
+        view = getattr(model, self.name).view()
+        view.flags.writeable = False
+        return view
+
+    def __set__(self, model: "CostModel", value) -> None:
+        setattr(model, self.name, np.array(value, dtype=float).reshape(model.shape))
+        model._refresh(range(model.shape[0]))
+
+
 class CostModel:
-    """Predicted milliseconds of each (member, stage) step, as a function of the batch size."""
+    """Predicted milliseconds of each (member, stage) step, as a function of the batch size.
+
+    Every request is planned with a few dozen predictions, on the event loop that also runs gRPC,
+    so a prediction is two list lookups: each step's `intercept x correction` and `slope x correction`,
+    and their running sums over a member's stages, kept as Python floats and refreshed when the
+    model changes (a new fit, an observation), not recomputed from the arrays on every call.
+    """
+
+    intercept = _Table()
+    slope = _Table()
+    correction = _Table()
 
     def __init__(self, num_members: int, num_stages: int):
         self.shape = (num_members, num_stages)
-        self.intercept = np.zeros(self.shape)
-        self.slope = np.zeros(self.shape)
-        self.correction = np.ones(self.shape)
+        self._intercept = np.zeros(self.shape)
+        self._slope = np.zeros(self.shape)
+        self._correction = np.ones(self.shape)
         self.round_ms = 0.0            # a round's cost beyond its steps, learnt while serving
         self._lock = threading.Lock()
+        self._a: list[list[float]] = [[] for _ in range(num_members)]    # ms at batch 0, per step
+        self._b: list[list[float]] = [[] for _ in range(num_members)]    # ms per example, per step
+        self._sum_a: list[list[float]] = [[] for _ in range(num_members)]    # running sums over stages
+        self._sum_b: list[list[float]] = [[] for _ in range(num_members)]
+        self._refresh(range(num_members))
+
+    def _refresh(self, members) -> None:
+        """Each member's row is replaced whole, so a reader on another thread sees the old or the new."""
+        for m in members:
+            a = (self._intercept[m] * self._correction[m]).tolist()
+            b = (self._slope[m] * self._correction[m]).tolist()
+            self._a[m], self._b[m] = a, b
+            self._sum_a[m], self._sum_b[m] = list(itertools.accumulate(a)), list(itertools.accumulate(b))
 
     def fit(self, measure: Callable[[int, int], list[float]], batch_sizes: Sequence[int] = (1, 8, 32),
             repeats: int = 5) -> None:
@@ -74,20 +117,21 @@ class CostModel:
             for s in range(self.shape[1]):
                 slope, intercept = (np.polyfit(sizes, medians[:, s], 1) if len(sizes) > 1
                                     else (0.0, medians[0, s]))
-                self.intercept[m, s] = max(intercept, 0.0)
-                self.slope[m, s] = max(slope, 0.0)
+                self._intercept[m, s] = max(intercept, 0.0)
+                self._slope[m, s] = max(slope, 0.0)
+            self._refresh([m])
 
     def predict(self, step: Step, batch: int) -> float:
-        m, s = step.member, step.stage
-        return float((self.intercept[m, s] + self.slope[m, s] * batch) * self.correction[m, s])
+        return self._a[step.member][step.stage] + self._b[step.member][step.stage] * batch
 
     def observe(self, step: Step, batch: int, ms: float) -> None:
-        raw = self.intercept[step.member, step.stage] + self.slope[step.member, step.stage] * batch
+        m, s = step.member, step.stage
+        raw = self._intercept[m, s] + self._slope[m, s] * batch
         if raw <= 0:
             return
         with self._lock:
-            c = self.correction[step.member, step.stage]
-            self.correction[step.member, step.stage] = (1 - EMA) * c + EMA * (ms / raw)
+            self._correction[m, s] = (1 - EMA) * self._correction[m, s] + EMA * (ms / raw)
+            self._refresh([m])
 
     def observe_round(self, ms: float) -> None:
         """A round's wall time beyond the steps it ran."""
@@ -96,8 +140,8 @@ class CostModel:
 
     def member_ms(self, member: int, batch: int, upto: int | None = None) -> float:
         """One member's round: its steps up to `upto` (default: all), and the round's overhead."""
-        last = self.shape[1] - 1 if upto is None else upto
-        return sum(self.predict(Step(member, s), batch) for s in range(last + 1)) + self.round_ms
+        last = -1 if upto is None else upto
+        return self._sum_a[member][last] + self._sum_b[member][last] * batch + self.round_ms
 
 
 class Planner:

@@ -10,7 +10,7 @@ from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes
 
 def planner(costs_ms=((1, 1, 1), (2, 2, 2), (4, 4, 4)), acc=((0.5, 0.7, 0.9), (0.6, 0.8, 0.95), (0.6, 0.9, 0.99))):
     cost = CostModel(len(costs_ms), len(costs_ms[0]))
-    cost.intercept[:] = np.array(costs_ms, dtype=float)
+    cost.intercept = costs_ms
     acc = np.array(acc)
     order = list(np.argsort(-acc[:, -1]))
     return Planner(cost, acc[:, -1], acc, order)
@@ -59,7 +59,7 @@ def test_budget_rules_count_the_time_already_spent_and_keep_a_margin():
 
 def test_observations_move_predictions_toward_measurements():
     cost = CostModel(1, 1)
-    cost.intercept[:] = 1.0
+    cost.intercept = [[1.0]]
     for _ in range(100):
         cost.observe(Step(0, 0), 1, 3.0)
     assert abs(cost.predict(Step(0, 0), 1) - 3.0) < 0.05
