@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from npas_serve.engine import Engine, Observation
 
@@ -53,6 +53,7 @@ METRICS = (
     MetricSpec("npas_cache_hits_total", "counter", "Stage weights served from the cache", ()),
 )
 BY_NAME = {m.name: m for m in METRICS}
+UPDATES = {"counter": "inc", "gauge": "set", "histogram": "observe"}     # prometheus-client's, by kind
 log = logging.getLogger(__name__)
 
 
@@ -104,11 +105,17 @@ class PrometheusSink:
                 metric = prom.Histogram(spec.name, spec.help, labels, buckets=spec.buckets,
                                         registry=self.registry)
             self._metrics[spec.name] = metric
+        self._updates: dict[tuple, Callable[[float], None]] = {}     # series -> its inc / set / observe
 
     def emit(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
-        metric = self._metrics[spec.name].labels(ModelName=self.model_name, **labels)
-        update = {"counter": "inc", "gauge": "set", "histogram": "observe"}[spec.kind]
-        getattr(metric, update)(value)
+        """About ten a request, on the device thread: each series' update is looked up once, not
+        through prometheus-client's `labels()` (validation, a lock, a dict) every time."""
+        key = (spec.name, *labels.items())
+        update = self._updates.get(key)
+        if update is None:
+            series = self._metrics[spec.name].labels(ModelName=self.model_name, **labels)
+            update = self._updates[key] = getattr(series, UPDATES[spec.kind])
+        update(value)
 
     def start_gauges(self, engine: Engine) -> None:
         """Memory gauges are known before the first request."""
@@ -136,6 +143,7 @@ class TorchServeSink:
         self._counts: dict[tuple[MetricSpec, tuple[tuple[str, str], ...]], float] = {}
         self._gauges: dict[MetricSpec, tuple[float, float | None]] = {}    # spec -> (value, value last sent)
         self._samples: list[tuple[MetricSpec, float, dict[str, str]]] = []
+        self._series: dict[MetricSpec, object] = {}     # spec -> TorchServe's metric object, made once
         self._due = threading.Event()
         self._flusher: threading.Thread | None = None
 
@@ -180,10 +188,24 @@ class TorchServeSink:
         for spec, value in gauges:
             self._send(spec, value, {})
 
-    def _send(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
-        from ts.metrics.dimension import Dimension
+    def _declared(self, spec: MetricSpec):
+        """TorchServe's metric object of `spec`: the one the metrics YAML declared, or a new one (a
+        worker started without that YAML)."""
+        from ts.metrics.metric_cache_errors import MetricsCacheKeyError
         from ts.metrics.metric_type_enum import MetricTypes
 
-        dims = [Dimension("ModelName", self.model_name), Dimension("Level", "Model")]
-        dims += [Dimension(k, str(v)) for k, v in labels.items()]
-        self.metrics.add_metric(spec.name, value, spec.unit, None, dims, MetricTypes(spec.kind))
+        try:
+            return self.metrics.get_metric(spec.name, MetricTypes(spec.kind))
+        except MetricsCacheKeyError:
+            return self.metrics.add_metric_to_cache(spec.name, spec.unit, ["ModelName", "Level", *spec.labels],
+                                                    MetricTypes(spec.kind))
+
+    def _send(self, spec: MetricSpec, value: float, labels: dict[str, str]) -> None:
+        """One line through the metric TorchServe declared from the metrics YAML (its dimensions:
+        ModelName, Level, then the spec's labels). Not `add_metric`: that builds the series anew for
+        every line and stamps it with the ids of every request in the worker's batch, a line of
+        several hundred characters that the worker prints and the frontend parses."""
+        series = self._series.get(spec)
+        if series is None:
+            series = self._series[spec] = self._declared(spec)
+        series.add_or_update(value, [self.model_name, "Model", *(str(labels[k]) for k in spec.labels)])

@@ -2,19 +2,35 @@
 histogram samples one by one when the sink flushes, on a thread of its own after each batch."""
 from __future__ import annotations
 
-from npas_serve.servers.metrics import BY_NAME, TorchServeSink
+from npas_serve.servers.metrics import BY_NAME, METRICS, TorchServeSink
 from tests.support.wait import wait_until
 
 
 class Lines:
-    """TorchServe's `context.metrics`, keeping what the worker would print (name, value, labels)."""
+    """TorchServe's `context.metrics` (its metric cache, as the worker builds it from the metrics YAML),
+    keeping what the worker would print: (name, value, labels besides ModelName and Level)."""
 
     def __init__(self):
         self.sent = []
+        self.declared = {spec.name: spec for spec in METRICS}
 
-    def add_metric(self, name, value, unit, idx, dimensions, metric_type):
-        labels = {d.name: d.value for d in dimensions if d.name not in ("ModelName", "Level")}
-        self.sent.append((name, value, labels))
+    def get_metric(self, name, metric_type):
+        from ts.metrics.metric_cache_errors import MetricsCacheKeyError
+
+        if name not in self.declared or self.declared[name].kind != metric_type.value:
+            raise MetricsCacheKeyError(f"{name} is not declared")
+        return Series(self, name, ["ModelName", "Level", *self.declared[name].labels])
+
+
+class Series:
+    def __init__(self, lines: Lines, name: str, dimension_names: list[str]):
+        self.lines, self.name, self.dimension_names = lines, name, dimension_names
+
+    def add_or_update(self, value, dimension_values):
+        assert len(dimension_values) == len(self.dimension_names)
+        dims = dict(zip(self.dimension_names, dimension_values))
+        assert dims.pop("ModelName") == "npas" and dims.pop("Level") == "Model"
+        self.lines.sent.append((self.name, value, dims))
 
 
 def emit(sink: TorchServeSink, name: str, value: float, **labels) -> None:

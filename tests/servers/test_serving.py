@@ -8,6 +8,7 @@ import pytest
 
 from npas_serve.client import Client, ClientError
 from npas_serve.data import load_dataset
+from tests.support.wait import wait_until
 
 
 
@@ -76,8 +77,19 @@ def test_project_metrics_are_exported(server, examples):
     with client(server) as c:
         c.predict(x, ensemble_size=2)
         c.predict(x, mode="anytime")
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+            return resp.read().decode()
+
+    def answered(text: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("npas_requests_total{") and 'status="ok"' in line)
+
+    # values, not names alone; TorchServe's worker sends its lines after the batch, the frontend reads them after
+    assert wait_until(lambda: answered(scrape()) >= 2, timeout_s=30, interval_s=0.2), \
+        f"{server.kind} /metrics counts {answered(scrape())} answered requests, after 2"
+    text = scrape()
     for name in ("npas_requests_total", "npas_request_latency_seconds", "npas_members_run_total",
                  "npas_exit_depth_total", "npas_resident_bank_bytes", "npas_weight_generation_seconds",
                  "npas_queue_seconds", "npas_batch_examples"):
