@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -57,10 +58,15 @@ class RequestLimits:
         if not self.member_names or self.num_exits < 1 or self.max_batch < 1:
             raise ValueError("RequestLimits needs at least one member, one exit and max_batch >= 1")
 
-    @property
+    @cached_property
     def payload_bytes(self) -> int:
         """The largest payload accepted: what a valid request can need, at most max_payload_bytes."""
         return _limits.max_payload_bytes(self.input_shape, self.max_batch, self.max_payload_bytes)
+
+    @cached_property
+    def accepted_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The shapes an example may come in: each of `example_shapes`, and `input_shape`."""
+        return tuple(dict.fromkeys([*map(tuple, self.example_shapes), tuple(self.input_shape)]))
 
 
 @dataclass(frozen=True)
@@ -243,9 +249,12 @@ def _map_value(name: str, value: Any) -> Any:
 
 # -- inputs ------------------------------------------------------------------
 
+def _expected(limits: RequestLimits) -> str:
+    """The accepted batch shapes, as an error message names them."""
+    return " or ".join("(B, " + ", ".join(map(str, shape)) + ")" for shape in limits.accepted_shapes)
+
+
 def _inputs(value: Any, limits: RequestLimits) -> np.ndarray:
-    shapes = list(dict.fromkeys([*map(tuple, limits.example_shapes), tuple(limits.input_shape)]))
-    expected = " or ".join("(B, " + ", ".join(map(str, shape)) + ")" for shape in shapes)
     try:
         if isinstance(value, npas_pb2.Tensor):
             array = _wire.array_from_raw(value.data, list(value.shape), value.dtype or "float32")
@@ -255,13 +264,13 @@ def _inputs(value: Any, limits: RequestLimits) -> np.ndarray:
             array = _from_nested(value)
         else:
             raise ValueError(f"inputs has type {type(value).__name__}; send nested lists of numbers with shape "
-                             f"{expected}, or {{data, shape, dtype}} with base64 raw bytes.")
+                             f"{_expected(limits)}, or {{data, shape, dtype}} with base64 raw bytes.")
     except ValueError as exc:
         raise RequestError("inputs", _sentence("inputs", exc)) from None
     if array.ndim >= 1 and array.shape[0] == 0:
-        raise RequestError("inputs", f"inputs is an empty batch; send at least one example, shape {expected}.")
-    if array.ndim == 0 or array.shape[1:] not in shapes:
-        raise RequestError("inputs", f"inputs has shape {tuple(array.shape)}; expected {expected} "
+        raise RequestError("inputs", f"inputs is an empty batch; send at least one example, shape {_expected(limits)}.")
+    if array.ndim == 0 or array.shape[1:] not in limits.accepted_shapes:
+        raise RequestError("inputs", f"inputs has shape {tuple(array.shape)}; expected {_expected(limits)} "
                                      "with the batch dimension first, even for one example.")
     array = array.reshape(array.shape[0], *limits.input_shape)   # the channel axis the family takes
     if array.shape[0] > limits.max_batch:

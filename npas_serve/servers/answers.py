@@ -8,26 +8,58 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
+from collections import deque
 from typing import AsyncIterator
 
 from npas_serve.engine import Engine
 from npas_serve.protocol import InferenceRequest, InferenceResponse
 
 
+class _Mailbox:
+    """Items posted to one event loop from other threads, with one wake-up for however many arrive
+    before the loop runs: a batch's step ends many requests at once, and every
+    `call_soon_threadsafe` writes to the loop's self-pipe, which the loop then reads and handles."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: deque = deque()
+        self._lock = threading.Lock()
+        self._woken = False                  # a drain is scheduled and has not started
+
+    def post(self, box: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((box, item))
+            if self._woken:
+                return
+            self._woken = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:                 # the loop has closed: the server stopped, nobody waits
+            pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._woken = self._items, deque(), False
+        for box, item in items:
+            box.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()     # loop -> its _Mailbox
+
+
 async def awaited_answers(engine: Engine, request: InferenceRequest,
                           intermediate: bool) -> AsyncIterator[InferenceResponse]:
     """Each answer as it exists, the last one `final`; the error that ended the request is raised."""
     loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    mailbox = _mailboxes.get(loop) or _mailboxes.setdefault(loop, _Mailbox(loop))
     box: asyncio.Queue = asyncio.Queue()
 
     def deliver(item) -> None:
         if threading.get_ident() == loop_thread:    # refused in `submit`, on the loop: no wake-up needed
             box.put_nowait(item)
-            return
-        try:                                 # from the device thread
-            loop.call_soon_threadsafe(box.put_nowait, item)
-        except RuntimeError:                 # the loop has closed: the server stopped, nobody waits
-            pass
+        else:                                       # from the device thread
+            mailbox.post(box, item)
 
     run, = engine.submit([request], [deliver], intermediate)
     try:
