@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within, fits_with_margin
 
@@ -92,3 +93,13 @@ def test_without_a_report_members_count_alike_and_deeper_exits_better():
     p = Planner.from_report(CostModel(2, 3), ["a", "b"], None)
     assert p.member_order == [0, 1]
     assert p.exit_accuracy.tolist() == [[1 / 3, 2 / 3, 1.0]] * 2
+
+
+def test_the_cost_tables_change_only_whole_so_predictions_follow():
+    cost = CostModel(2, 2)
+    cost.slope = [[1.0, 2.0], [3.0, 4.0]]
+    assert cost.predict(Step(1, 1), 10) == 40.0 and cost.member_ms(1, 10) == 70.0
+    with pytest.raises(ValueError):
+        cost.slope[1, 1] = 0.0               # in place, the predictions would not follow: refused
+    cost.correction = [[1.0, 1.0], [1.0, 0.5]]
+    assert cost.predict(Step(1, 1), 10) == 20.0 and cost.member_ms(1, 10, upto=0) == 30.0
