@@ -22,7 +22,7 @@ class _Mailbox:
     `call_soon_threadsafe` writes to the loop's self-pipe, which the loop then reads and handles."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
+        self._loop = weakref.ref(loop)       # weak: `_mailboxes` holds this by its loop, which must be able to go
         self._items: deque = deque()
         self._lock = threading.Lock()
         self._woken = False                  # a drain is scheduled and has not started
@@ -33,8 +33,10 @@ class _Mailbox:
             if self._woken:
                 return
             self._woken = True
+        loop = self._loop()
         try:
-            self.loop.call_soon_threadsafe(self._drain)
+            if loop is not None:
+                loop.call_soon_threadsafe(self._drain)
         except RuntimeError:                 # the loop has closed: the server stopped, nobody waits
             pass
 

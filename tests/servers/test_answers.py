@@ -38,3 +38,19 @@ def test_a_post_to_a_closed_loop_is_dropped_quietly():
     mailbox = _Mailbox(loop)
     loop.close()
     mailbox.post(asyncio.Queue(), "nobody waits")       # the server stopped: no error on the device thread
+
+
+def test_a_loop_that_has_ended_is_not_kept_alive_by_its_mailbox():
+    import gc
+    import weakref
+
+    from npas_serve.servers.answers import _mailboxes
+
+    async def one_request_worth():
+        loop = asyncio.get_running_loop()
+        _mailboxes.setdefault(loop, _Mailbox(loop))
+        return weakref.ref(loop)
+
+    gone = asyncio.run(one_request_worth())
+    gc.collect()
+    assert gone() is None
