@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
-from npas_serve.servers.answers import _Mailbox
+from npas_serve.servers.answers import _Mailbox, _mailboxes
 
 
 def test_a_burst_from_another_thread_arrives_in_order_with_one_wake_up_and_none_is_lost_after():
@@ -41,11 +43,6 @@ def test_a_post_to_a_closed_loop_is_dropped_quietly():
 
 
 def test_a_loop_that_has_ended_is_not_kept_alive_by_its_mailbox():
-    import gc
-    import weakref
-
-    from npas_serve.servers.answers import _mailboxes
-
     async def one_request_worth():
         loop = asyncio.get_running_loop()
         _mailboxes.setdefault(loop, _Mailbox(loop))
