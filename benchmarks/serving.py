@@ -39,6 +39,7 @@ import resource
 import shutil
 import sys
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -367,9 +368,21 @@ def paced_section(start, input_shape, members: int, seconds: float, capacity: fl
             for share in PACED if name == "user" else [s for s in PACED if s < 1]:
                 rate = share * capacity
                 sent = max(1, int(rate * seconds))
+                before = device_seconds(launched.metrics_url)
                 run = load(target, token, x1, 64, seconds, rate_per_s=rate, budget_ms=budget_ms)
-                out.append({"budget": name, **paced(run, sent, budget_ms, share, rate)})
+                busy, cpu = (a - b for a, b in zip(device_seconds(launched.metrics_url), before))
+                out.append({"budget": name, **paced(run, sent, budget_ms, share, rate),
+                            # the device thread: its share of the load's time in rounds, and its CPU time in them
+                            "device_busy_share": busy / run.wall_s, "device_cpu_of_busy": cpu / busy if busy else None})
     return warm_up, out
+
+
+def device_seconds(metrics_url: str) -> tuple[float, float]:
+    """The server's `npas_device_busy_seconds_total` and `npas_device_cpu_seconds_total`, from /metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return tuple(sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(f"npas_device_{kind}_seconds_total"))
+                 for kind in ("busy", "cpu"))
 
 
 def servers(args, checkpoint: Path, input_shape, members: int) -> dict:
@@ -538,10 +551,13 @@ def render(res: dict) -> str:
     out += ["", "**Servers, paced batch-1 load with a budget** (latency_budget_ms sent with the matching "
             f"deadline_unix_ms; `user`: one budget for both servers, {res['config']['budget_factor']:g} x the "
             f"slower server's 1-client p50; `own`: {res['config']['budget_factor']:g} x the server's own 1-client "
-            "p50, where that is tighter; capacity = the server's best closed-loop batch-1 requests/s)", "",
+            "p50, where that is tighter; capacity = the server's best closed-loop batch-1 requests/s; device "
+            "thread busy: its share of the load's time in rounds of work, and of that the share it had a CPU, "
+            "from the server's `npas_device_*_seconds_total`: the rest it waited for a core or for the GIL)", "",
             "| server | budget | share of capacity | paced requests/s | offered requests/s | budget ms | sent | answered "
-            "| within budget at the client | refused | other errors | lost | members used (mean) | client p99 ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| within budget at the client | refused | other errors | lost | members used (mean) | client p99 ms "
+            "| device thread busy | of it on a CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, sec in res["servers"].items():
         if "skipped" in sec:
             continue
@@ -550,8 +566,13 @@ def render(res: dict) -> str:
             out.append(f"| {kind} | {p['budget']} | {p['share_of_capacity']:.0%} | {p['rate_per_s']:.1f} | {p['offered_per_s']:.1f} | "
                        f"{p['budget_ms']:.2f} | "
                        f"{p['sent']} | {p['answered']} | {p['client_hit_rate']:.1%} | {p['refused']} | "
-                       f"{p['other_errors']} | {p['lost']} | {p['members_used_mean']:.2f} | {cl['p99_ms']:.2f} |")
+                       f"{p['other_errors']} | {p['lost']} | {p['members_used_mean']:.2f} | {cl['p99_ms']:.2f} | "
+                       f"{_share(p.get('device_busy_share'))} | {_share(p.get('device_cpu_of_busy'))} |")
     return "\n".join(out)
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def update_doc(path: Path, block: str) -> None:

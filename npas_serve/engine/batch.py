@@ -29,6 +29,7 @@ anytime answer after each exit. Every request has ended when `run` returns.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -103,6 +104,28 @@ class _Progress:
         return [self.by_member[m] for m in self.run.plan.members[: self.given]]
 
 
+class DeviceTime:
+    """The device thread's time in rounds: wall, and of it on a CPU. The rest it waited: for a core
+    (a shared machine) or for the GIL (the gRPC loop's Python, between every operator it runs), so a
+    server whose CPU share is low is slowed by its neighbours, not by its own work. On CUDA, time
+    waiting for the device counts as waiting too. Read by the metrics (`take`) on any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._wall_s = self._cpu_s = 0.0
+
+    def add(self, wall_s: float, cpu_s: float) -> None:
+        with self._lock:
+            self._wall_s += wall_s
+            self._cpu_s += cpu_s
+
+    def take(self) -> tuple[float, float]:
+        """(wall, CPU) seconds since the last `take`."""
+        with self._lock:
+            out, self._wall_s, self._cpu_s = (self._wall_s, self._cpu_s), 0.0, 0.0
+        return out
+
+
 class BatchRunner:
     def __init__(self, stages: StageRunner, cost: CostModel, answers: Answers, num_exits: int,
                  queue: Queue | None = None):
@@ -112,6 +135,7 @@ class BatchRunner:
         self.num_exits = num_exits
         self.queue: Queue = queue or _NoQueue()     # the scheduler, once it exists
         self._due: list[Due] = []                   # answers of the current step, built together by `_send`
+        self.time = DeviceTime()
 
     # --- prediction -------------------------------------------------------------------------
     def predict_ms(self, runs: Sequence[RequestRun]) -> float:
@@ -144,7 +168,7 @@ class BatchRunner:
                 flight = [p for p in flight if self._still_wanted(p)]
                 if not flight:
                     return
-                now = time.perf_counter()         # the round starts: its overhead is measured from here
+                now, cpu = time.perf_counter(), time.thread_time()    # the round starts: its overhead from here
                 flight.sort(key=lambda p: p.urgency(now))
                 self._settle(flight)
                 flight = [p for p in flight if not p.run.done]
@@ -157,7 +181,9 @@ class BatchRunner:
                 group = [p for p in flight if p.needs(member)]
                 self.queue.busy_for(self._newcomer_wait_ms(member, group, flight), sum(p.run.examples for p in flight))
                 steps_ms = self._member(member, group, flight)
-                self.cost.observe_round((time.perf_counter() - now) * 1000 - steps_ms)
+                wall_s = time.perf_counter() - now
+                self.cost.observe_round(wall_s * 1000 - steps_ms)
+                self.time.add(wall_s, time.thread_time() - cpu)
         except BaseException as err:    # every request in flight, joined ones included, says so
             failure = err
             raise

@@ -204,6 +204,11 @@ class Engine:
             results.append(item)
         return results
 
+    def take_device_time(self) -> tuple[float, float]:
+        """Seconds the device thread spent in rounds of work since the last call, and of them on a CPU
+        (`DeviceTime`): the metrics' `npas_device_*_seconds_total`."""
+        return self._batches.time.take()
+
     def resident_bytes(self) -> ResidentBytes:
         """What stays on the device: fixed at load, except the cache (read on every request)."""
         return ResidentBytes(self._resident.bank, self._resident.coefficients, self._resident.norms_heads,

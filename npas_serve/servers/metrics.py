@@ -47,6 +47,11 @@ METRICS = (
     MetricSpec("npas_batch_examples", "histogram",
                "Examples in flight on the device when a request started running (its own included)",
                (), "count", EXAMPLE_BUCKETS),
+    MetricSpec("npas_device_busy_seconds_total", "counter",
+               "Wall time the device thread spent in rounds of work", (), "s"),
+    MetricSpec("npas_device_cpu_seconds_total", "counter",
+               "CPU time the device thread had in those rounds; busy minus CPU is time it waited for a core "
+               "or for the GIL (or, on CUDA, for the device)", (), "s"),
     MetricSpec("npas_resident_bank_bytes", "gauge",
                "Resident shared state: bank, coefficients, norms and heads", (), "B"),
     MetricSpec("npas_cache_bytes", "gauge", "Generated weights held by the cache", (), "B"),
@@ -78,6 +83,10 @@ def record(sink: Sink, engine: Engine, obs: Observation) -> None:
     if obs.queue_s is not None:            # it reached a batch (not refused while queued)
         emit("npas_queue_seconds", obs.queue_s)
         emit("npas_batch_examples", obs.batch_examples)
+    busy_s, cpu_s = engine.take_device_time()
+    if busy_s:
+        emit("npas_device_busy_seconds_total", busy_s)
+        emit("npas_device_cpu_seconds_total", cpu_s)
     resident = engine.resident_bytes()
     emit("npas_resident_bank_bytes", resident.total - resident.cache)
     emit("npas_cache_bytes", resident.cache)

@@ -281,3 +281,35 @@ def test_a_passed_deadline_is_refused_at_once_and_names_no_member(engine, monkey
             assert (seen[-1].status, seen[-1].members_run, seen[-1].generation_s) == ("deadline", [], 0)
     finally:
         engine._observers.remove(seen.append)
+
+
+def test_device_time_counts_the_rounds_and_shows_a_thread_that_holds_the_gil(engine):
+    """`take_device_time`: the device thread's wall time in rounds and its CPU time in them, since the
+    last take. A Python thread that never blocks keeps the GIL from the device thread between its
+    operators: the rounds then take far more wall time than CPU, the gap the metrics expose."""
+    x = np.random.default_rng(11).normal(size=(1, 1, 40)).astype(np.float32)
+
+    def serve(n: int) -> tuple[float, float]:
+        engine.take_device_time()
+        for i in range(n):
+            engine.answer(InferenceRequest(inputs=x, request_id=f"t{i}"))
+        return engine.take_device_time()
+
+    busy, cpu = serve(5)
+    assert busy > 0 and 0 < cpu <= busy + 0.01      # thread_time ticks are coarser than perf_counter's
+    assert engine.take_device_time() == (0.0, 0.0)  # taken: counted once
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        busy, cpu = serve(2)
+    finally:
+        stop.set()
+        spinner.join(10)
+    assert cpu < 0.5 * busy, (busy, cpu)

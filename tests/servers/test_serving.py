@@ -92,5 +92,6 @@ def test_project_metrics_are_exported(server, examples):
     text = scrape()
     for name in ("npas_requests_total", "npas_request_latency_seconds", "npas_members_run_total",
                  "npas_exit_depth_total", "npas_resident_bank_bytes", "npas_weight_generation_seconds",
-                 "npas_queue_seconds", "npas_batch_examples"):
+                 "npas_queue_seconds", "npas_batch_examples", "npas_device_busy_seconds_total",
+                 "npas_device_cpu_seconds_total"):
         assert name in text, f"{name} missing from {server.kind} /metrics"
