@@ -248,7 +248,12 @@ def resident_section(engine) -> dict:
     shared = [c * elem for c in family.member_shared_numel()]
     unshared_total = sum(shared)
     target = target_bytes(family)
-    left = engine._stages._prepared     # what the last batch's generation left behind: must be nothing
+    # what the last batch's generation left behind: must be nothing. A caller has its final answer
+    # before the device thread has ended the batch, so first wait for the device to be idle
+    until = time.monotonic() + 10
+    while engine.scheduler.ahead_examples() and time.monotonic() < until:
+        time.sleep(0.001)
+    left = engine._stages._prepared
     return {"bank": rb.bank, "coefficients": rb.coefficients, "norms_heads": rb.norms_heads,
             "cache": rb.cache, "resident_total": rb.total, "members": n,
             "member_unshared_weight_bytes": dict(zip(engine.names, shared)),

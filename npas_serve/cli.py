@@ -311,6 +311,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--http-port", type=_any_port, default=None,
                    help="also serve the KServe v2 REST endpoints on this port (v2 gRPC is always on --grpc-port)")
     p.add_argument("--version", default="1")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the engine in the server's own process; by default it runs in a child process, "
+                        "so gRPC's Python and the device thread do not share one GIL (faster under load)")
     _add_engine_flags(p)
     p.set_defaults(run=_serve)
 
@@ -320,15 +323,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     from npas_serve.servers.torchserve.archive import extract_archive
     from npas_serve.engine import Engine
+    from npas_serve.servers.engine_process import EngineProcess
     from npas_serve.servers.grpc_server import serve
 
     with tempfile.TemporaryDirectory() as tmp:
         model = extract_archive(args.model, tmp) if args.model.suffix == ".mar" else args.model
         config = _engine_config(args)
         config.model_version = args.version
-        engine = Engine.load(model, config)
-        serve(engine, args.host, args.grpc_port, args.metrics_port, args.name, args.version,
-              http_port=args.http_port)
+        if args.in_process:
+            engine, metrics_port = Engine.load(model, config), args.metrics_port
+        else:                      # the engine and its metrics in a child process (servers/engine_process.py)
+            engine, metrics_port = EngineProcess(model, config, args.host, args.metrics_port), None
+        serve(engine, args.host, args.grpc_port, metrics_port, args.name, args.version, http_port=args.http_port)
     return 0
 
 

@@ -126,8 +126,12 @@ class Engine:
         try:
             return parse_request(fields, self.limits)
         except RequestError:
-            self._notify(Observation("unknown", "invalid", 0.0, [], None, False, 0.0))
+            self.count_invalid()
             raise
+
+    def count_invalid(self) -> None:
+        """A request refused as invalid (here, or by a server that parsed it elsewhere): status "invalid"."""
+        self._notify(Observation("unknown", "invalid", 0.0, [], None, False, 0.0))
 
     def submit(self, requests: Sequence[InferenceRequest], deliveries: Sequence[Delivery],
                intermediate: bool | Sequence[bool] = False, together: bool = False) -> list[RequestRun]:

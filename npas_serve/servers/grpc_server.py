@@ -23,7 +23,8 @@ from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestErro
 from npas_serve.protocol._generated import inference_pb2, inference_pb2_grpc
 from npas_serve.servers.answers import awaited_answers
 from npas_serve.servers.heap import freeze_loaded
-from npas_serve.servers.metrics import PrometheusSink, record
+from npas_serve.servers.engine_process import EngineProcess
+from npas_serve.servers.metrics import serve_metrics
 from npas_serve.servers.v2.grpc_service import add_v2_servicer
 from npas_serve.servers.v2.rest import start_rest_server
 
@@ -43,7 +44,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
         self.engine, self.model_name, self.model_version = engine, model_name, model_version
 
     async def Ping(self, request, context):
-        return inference_pb2.TorchServeHealthResponse(health=json.dumps({"status": "Healthy"}))
+        status = "Healthy" if self.engine.ready() else "Unhealthy"
+        return inference_pb2.TorchServeHealthResponse(health=json.dumps({"status": status}))
 
     async def Predictions(self, request, context):
         req = await self._parse(request, context)
@@ -101,7 +103,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceAPIsServiceServicer):
         return inference_pb2.PredictionResponse(prediction=encode_response(answer, req.payload_format))
 
 
-def create_server(engine: Engine, host: str = "127.0.0.1", port: int = 7070, model_name: str = "npas",
+def create_server(engine: Engine | EngineProcess, host: str = "127.0.0.1", port: int = 7070, model_name: str = "npas",
                   model_version: str = "1", workers: int = 8) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server, not started, and the port it bound (pass port 0 for any free port).
 
@@ -128,35 +130,33 @@ def create_server(engine: Engine, host: str = "127.0.0.1", port: int = 7070, mod
     return server, bound, health_servicer
 
 
-def start_metrics(engine: Engine, model_name: str, host: str, port: int):
-    """Serve /metrics from prometheus-client and feed it every request's observation."""
-    import prometheus_client as prom
-
-    sink = PrometheusSink(model_name)
-    sink.start_gauges(engine)
-    engine.add_observer(lambda obs: record(sink, engine, obs))
-    try:
-        http_server, _ = prom.start_http_server(port, addr=host, registry=sink.registry)
-    except OSError as err:
-        raise UserError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}; "
-                        f"choose another --metrics-port") from None
-    return http_server
+async def _follow_engine(engine: Engine | EngineProcess, health_servicer: health.aio.HealthServicer,
+                         every_s: float = 0.5) -> None:
+    """Health follows the engine: NOT_SERVING once it stops taking work (its process or its device
+    thread died), so an orchestrator replaces the server instead of sending it calls that fail."""
+    while engine.ready():
+        await asyncio.sleep(every_s)
+    log.error("the engine stopped: health is NOT_SERVING")
+    for service in ("", SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", grpc_port: int = 7070, metrics_port: int = 8082,
-          model_name: str = "npas", model_version: str = "1", grace_s: float = 30.0,
-          http_port: int | None = None) -> None:
+def serve(engine: Engine | EngineProcess, host: str = "127.0.0.1", grpc_port: int = 7070,
+          metrics_port: int | None = 8082, model_name: str = "npas", model_version: str = "1",
+          grace_s: float = 30.0, http_port: int | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain: health says NOT_SERVING, in-flight requests finish.
-    With `http_port`, the v2 REST endpoints are served there too."""
+    With `http_port`, the v2 REST endpoints are served there too. `metrics_port` None: the engine
+    serves its metrics itself (an `EngineProcess`, in its own process)."""
     asyncio.run(_serve(engine, host, grpc_port, metrics_port, model_name, model_version, grace_s, http_port))
 
 
-async def _serve(engine: Engine, host: str, grpc_port: int, metrics_port: int, model_name: str,
-                 model_version: str, grace_s: float, http_port: int | None) -> None:
+async def _serve(engine: Engine | EngineProcess, host: str, grpc_port: int, metrics_port: int | None,
+                 model_name: str, model_version: str, grace_s: float, http_port: int | None) -> None:
     server = metrics = None
     try:
         server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
-        metrics = start_metrics(engine, model_name, host, metrics_port)
+        if metrics_port is not None:
+            metrics = serve_metrics(engine, model_name, host, metrics_port)
         rest = None if http_port is None else start_rest_server(engine, model_name, model_version, host, http_port)
     except UserError:              # a port is taken: release what did start (its port too), then the engine
         if metrics is not None:
@@ -170,20 +170,24 @@ async def _serve(engine: Engine, host: str, grpc_port: int, metrics_port: int, m
     await server.start()
     for service in ("", SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    shown_metrics_port = engine.metrics_port if metrics is None else metrics.server_port
     print(f"serving '{model_name}' on {host}:{port} (gRPC), metrics on "
-          f"http://{host}:{metrics.server_port}/metrics"
+          f"http://{host}:{shown_metrics_port}/metrics"
           + ("" if rest is None else f", v2 REST on http://{host}:{rest.server_address[1]}/v2"), flush=True)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    watching = asyncio.create_task(_follow_engine(engine, health_servicer))
     await stopping.wait()
+    watching.cancel()
     log.info("signal: draining")
     await health_servicer.enter_graceful_shutdown()
     if rest is not None:
         rest.shutdown()            # stops taking requests; in-flight ones finish on their threads
     await server.stop(grace_s)     # refuses new RPCs, waits for in-flight ones
-    metrics.shutdown()
+    if metrics is not None:
+        metrics.shutdown()
     engine.close()
     print("stopped", flush=True)

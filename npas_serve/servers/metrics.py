@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from npas_serve.engine import Engine, Observation
+from npas_serve.errors import UserError
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 EXAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -92,6 +93,22 @@ def record(sink: Sink, engine: Engine, obs: Observation) -> None:
     emit("npas_cache_bytes", resident.cache)
     if obs.cache_hits:
         emit("npas_cache_hits_total", obs.cache_hits)
+
+
+def serve_metrics(engine: Engine, model_name: str, host: str, port: int):
+    """Serve /metrics from prometheus-client, fed every request's observation; the HTTP server
+    (its `server_port` is the bound port, `shutdown()` stops it)."""
+    import prometheus_client as prom
+
+    sink = PrometheusSink(model_name)
+    sink.start_gauges(engine)
+    engine.add_observer(lambda obs: record(sink, engine, obs))
+    try:
+        http_server, _ = prom.start_http_server(port, addr=host, registry=sink.registry)
+    except OSError as err:
+        raise UserError(f"cannot serve metrics on {host}:{port}: {err.strerror or err}; "
+                        f"choose another --metrics-port") from None
+    return http_server
 
 
 class PrometheusSink:

@@ -17,6 +17,7 @@ import pytest
 
 from npas_serve.client import Client, ClientError
 from npas_serve.protocol import encode_request, inference_pb2, inference_pb2_grpc
+from tests.support.servers import server_pids
 
 
 def client(server) -> Client:
@@ -159,13 +160,17 @@ def test_a_full_queue_refuses_with_resource_exhausted_at_once(served_checkpoint)
 
 
 def process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User and system CPU seconds of the server, its children included."""
+    total = 0
+    for p in server_pids(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def threads(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
+    return sum(len(os.listdir(f"/proc/{p}/task")) for p in server_pids(pid))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc to read a process's CPU and threads")

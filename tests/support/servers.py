@@ -39,6 +39,18 @@ class Launched:
     http_target: str | None = None   # embedded only: host:port of the v2 REST endpoints
 
 
+def server_pids(pid: int) -> list[int]:
+    """A server's process, then its descendants (`npas-serve serve` runs its engine in a child)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        pids.append(p)
+        for task in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{task}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+    return pids
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

@@ -1,0 +1,225 @@
+"""The engine in a process of its own, behind the surface the servers use: the embedded server's default.
+
+Why: in one process, the gRPC event loop and the engine's device thread share one GIL. Under load
+the loop's Python (gRPC's handling of each call, parsing, encoding) holds it while the device
+thread waits to take it back after every operator: at 90% of capacity the device thread had a
+CPU for under half of its time in rounds (`npas_device_*_seconds_total`), and the server used
+about one core of two. TorchServe, whose frontend and worker are separate processes, served 1.46x
+the embedded server's 64-client throughput in the same run (docs/serving.md).
+
+So the server's process keeps gRPC, parsing and encoding, and a child process keeps the engine,
+its device thread and the Prometheus metrics (whose figures are the engine's). They speak over a
+pipe: requests (parsed, with their knobs) and cancellations one way, each answer, or the error that
+ends a request, the other. `EngineProcess` has the methods of `Engine` the servers call, so the
+servicers do not know which one they hold.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import multiprocessing
+import queue
+import signal
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from npas_serve.engine import Engine, EngineConfig
+from npas_serve.engine.run import Delivery
+from npas_serve.errors import UserError
+from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, parse_request
+from npas_serve.servers.heap import freeze_loaded
+from npas_serve.servers.metrics import serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+class EngineProcessError(RuntimeError):
+    """The engine's process stopped: the requests it held end with this error."""
+
+
+class _Call:
+    """A request handed to the engine's process: what `Engine.submit` returns, as far as the servers go."""
+
+    def __init__(self, owner: "EngineProcess", rid: int):
+        self._owner, self._rid = owner, rid
+
+    def cancel(self) -> None:
+        """Drop its work in the engine's process (a no-op once it has ended)."""
+        self._owner._cancel(self._rid)
+
+
+class EngineProcess:
+    """`Engine.load(checkpoint, config)` in a child process, with its metrics on `metrics_host:metrics_port`
+    (0: any free port; `metrics_port` then says which). Raises UserError when the child cannot start."""
+
+    def __init__(self, checkpoint: str | Path, config: EngineConfig, metrics_host: str = "127.0.0.1",
+                 metrics_port: int = 8082):
+        context = multiprocessing.get_context("spawn")      # no fork of a process that holds threads
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_child, name="npas-engine", daemon=True,
+                                        args=(child_conn, str(checkpoint), config, metrics_host, metrics_port))
+        self._process.start()
+        child_conn.close()
+        try:
+            started = self._conn.recv()
+        except EOFError:
+            self._process.join(5)
+            started = ("failed", f"the engine process exited with status {self._process.exitcode} while loading")
+        if started[0] != "ready":
+            self._process.join(10)
+            raise UserError(started[1])
+        _, self.limits, self.manifest, self.metrics_port = started
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, Delivery] = {}
+        self._ids = itertools.count()
+        self._alive = True
+        self._reader = threading.Thread(target=self._read, name="npas-engine-answers", daemon=True)
+        self._reader.start()
+
+    # --- the surface of Engine the servers use ----------------------------------------------------
+    def parse(self, fields: Mapping[str, bytes | str]) -> InferenceRequest:
+        """Parsed here, in the server's process; a bad request is counted in the engine's metrics."""
+        try:
+            return parse_request(fields, self.limits)
+        except RequestError:
+            self._send(("invalid",))
+            raise
+
+    def submit(self, requests: Sequence[InferenceRequest], deliveries: Sequence[Delivery],
+               intermediate: bool | Sequence[bool] = False, together: bool = False) -> list[_Call]:
+        """`Engine.submit` in the engine's process; each answer (or the error that ends the request)
+        reaches its delivery from this process's reader thread."""
+        flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
+        rids = [next(self._ids) for _ in requests]
+        self._pending.update(zip(rids, deliveries, strict=True))
+        if not self._send(("submit", list(zip(rids, requests, flags, strict=True)), together)):
+            for rid in rids:
+                self._end(rid, EngineProcessError("the engine process has stopped"))
+        return [_Call(self, rid) for rid in rids]
+
+    def answer(self, request: InferenceRequest) -> InferenceResponse:
+        """The final answer only (the v2 REST endpoints call this from their threads)."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        call, = self.submit([request], [box.put])
+        try:
+            while True:
+                item = box.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.final:
+                    return item
+        finally:
+            call.cancel()
+
+    def ready(self) -> bool:
+        return self._alive and self._process.is_alive()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish the queued work in the engine's process, then stop it."""
+        if self._send(("close",)):
+            self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._reader.join(5)
+        self._conn.close()
+
+    # --- the pipe ----------------------------------------------------------------------------------
+    def _send(self, message: tuple) -> bool:
+        """False when the engine's process is gone."""
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+            return True
+        except (OSError, EOFError, ValueError):     # ValueError: the connection was closed here
+            return False
+
+    def _cancel(self, rid: int) -> None:
+        if rid in self._pending:
+            self._send(("cancel", rid))
+
+    def _end(self, rid: int, item) -> None:
+        deliver = self._pending.pop(rid, None)
+        if deliver is not None:
+            _deliver(deliver, item)
+
+    def _read(self) -> None:
+        """Hand each answer to its delivery; when the engine's process ends, every request still
+        waiting gets EngineProcessError."""
+        try:
+            while True:
+                rid, item = self._conn.recv()
+                if isinstance(item, BaseException) or item.final:
+                    self._end(rid, item)
+                elif (deliver := self._pending.get(rid)) is not None:
+                    _deliver(deliver, item)
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._alive = False
+            for rid in list(self._pending):
+                self._end(rid, EngineProcessError("the engine process stopped before this request ended"))
+
+
+def _deliver(deliver: Delivery, item) -> None:
+    try:
+        deliver(item)
+    except Exception:       # one caller's failure is its own
+        log.exception("delivering an answer failed")
+
+
+# --- the engine's process ----------------------------------------------------------------------------
+def _child(conn, checkpoint: str, config: EngineConfig, metrics_host: str, metrics_port: int) -> None:
+    """Load, serve metrics, then run what the server sends until it says close (or goes away)."""
+    # a terminal's Ctrl-C reaches the whole group: the server acts on it (drains its calls, then closes
+    # this process). SIGTERM keeps its default: it is what stops a child a dying server leaves behind
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        engine = Engine.load(checkpoint, config)
+    except Exception as err:
+        conn.send(("failed", f"cannot load {checkpoint}: {type(err).__name__}: {err}"))
+        return
+    try:
+        metrics = serve_metrics(engine, config.model_name, metrics_host, metrics_port)
+    except UserError as err:
+        engine.close()
+        conn.send(("failed", str(err)))
+        return
+    freeze_loaded()
+    conn.send(("ready", engine.limits, engine.manifest, metrics.server_port))
+    lock = threading.Lock()         # the device thread and this one both send
+    runs = {}
+
+    def deliver(rid: int, item) -> None:
+        if isinstance(item, BaseException) or item.final:
+            runs.pop(rid, None)
+        with lock:
+            conn.send((rid, item))
+
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "submit":
+                _, items, together = message
+                made = engine.submit([r for _, r, _ in items], [functools.partial(deliver, rid) for rid, _, _ in items],
+                                     [flag for *_, flag in items], together)
+                for (rid, _, _), run in zip(items, made):
+                    runs[rid] = run
+                    if run.done:            # it ended before it was listed: its delivery found nothing to drop
+                        runs.pop(rid, None)
+            elif message[0] == "cancel":
+                if (run := runs.get(message[1])) is not None:
+                    run.cancel()
+            elif message[0] == "invalid":
+                engine.count_invalid()
+            elif message[0] == "close":
+                break
+    except (EOFError, OSError):             # the server went away: nobody waits for answers
+        pass
+    finally:
+        engine.close()
+        metrics.shutdown()
+        conn.close()
+

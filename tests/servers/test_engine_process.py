@@ -1,0 +1,131 @@
+"""The engine in a child process answers as the engine does in-process, and nothing waits on it forever."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from npas_serve.engine import Cancelled, Engine, EngineConfig
+from npas_serve.errors import UserError
+from npas_serve.protocol import InferenceRequest, RequestError
+from npas_serve.servers.engine_process import EngineProcess, EngineProcessError
+from tests.support.wait import wait_until
+
+CONFIG = EngineConfig(warmup_batch_sizes=(1,))
+
+
+@pytest.fixture(scope="module")
+def child(served_checkpoint):
+    engine = EngineProcess(served_checkpoint, CONFIG, metrics_port=0)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def local(served_checkpoint):
+    engine = Engine.load(served_checkpoint, CONFIG)
+    yield engine
+    engine.close()
+
+
+def answers(engine, request: InferenceRequest, intermediate: bool) -> list:
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    engine.submit([request], [box.put], intermediate)
+    out = [box.get(timeout=60)]
+    while not isinstance(out[-1], BaseException) and not out[-1].final:
+        out.append(box.get(timeout=60))
+    return out
+
+
+def test_answers_are_the_in_process_engines(child, local):
+    x = np.random.default_rng(0).normal(size=(3, 1, 40)).astype(np.float32)
+    for request, streamed in [(InferenceRequest(inputs=x, request_id="ens"), True),
+                              (InferenceRequest(inputs=x, mode="anytime", request_id="any"), True),
+                              (InferenceRequest(inputs=x, ensemble_size=2, request_id="two"), False)]:
+        got, want = answers(child, request, streamed), answers(local, request, streamed)
+        assert [a.final for a in got] == [a.final for a in want] and got[-1].final
+        for a, b in zip(got, want):
+            assert a.request_id == b.request_id and a.members_used == b.members_used
+            assert a.predictions == b.predictions and a.exit_reached == b.exit_reached
+            torch.testing.assert_close(torch.as_tensor(a.probabilities), torch.as_tensor(b.probabilities))
+    assert child.answer(InferenceRequest(inputs=x[:1])).final
+
+
+def test_a_bad_request_is_refused_here_and_counted_there(child):
+    with pytest.raises(RequestError):
+        child.parse({"data": b"not a tensor"})
+
+    def invalid() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{child.metrics_port}/metrics", timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("npas_requests_total{") and 'status="invalid"' in line)
+
+    assert wait_until(lambda: invalid() >= 1, timeout_s=10, interval_s=0.1)
+
+
+def test_a_cancelled_request_is_dropped_in_the_child(served_checkpoint):
+    """A queue that waits 2 s for its batch to fill: the request cancelled meanwhile is dropped when the
+    batch is taken, unrun (an answer would mean the cancellation never reached the child)."""
+    engine = EngineProcess(served_checkpoint, EngineConfig(warmup_batch_sizes=(1,), batch_delay_ms=2_000,
+                                                           batch_examples=64), metrics_port=0)
+    try:
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        call, = engine.submit([InferenceRequest(inputs=np.zeros((1, 1, 40), np.float32))], [box.put])
+        call.cancel()
+        assert isinstance(box.get(timeout=30), Cancelled)
+    finally:
+        engine.close()
+
+
+def test_a_child_that_dies_ends_every_waiting_request(served_checkpoint):
+    engine = EngineProcess(served_checkpoint, EngineConfig(warmup_batch_sizes=(1,), batch_delay_ms=30_000,
+                                                           batch_examples=64), metrics_port=0)
+    try:
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        engine.submit([InferenceRequest(inputs=np.zeros((1, 1, 40), np.float32))], [box.put])
+        assert engine.ready()
+        os.kill(engine._process.pid, signal.SIGKILL)
+        assert isinstance(box.get(timeout=10), EngineProcessError)
+        assert not engine.ready()
+        box2: queue.SimpleQueue = queue.SimpleQueue()
+        engine.submit([InferenceRequest(inputs=np.zeros((1, 1, 40), np.float32))], [box2.put])
+        assert isinstance(box2.get(timeout=10), EngineProcessError)     # refused at once, not left waiting
+    finally:
+        engine.close()
+
+
+def test_a_checkpoint_that_cannot_load_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot load"):
+        EngineProcess(tmp_path / "missing", CONFIG, metrics_port=0)
+
+
+def test_a_server_whose_engine_process_dies_says_so_and_fails_calls_at_once(served_checkpoint):
+    """`npas-serve serve`: the engine's child killed, gRPC health turns NOT_SERVING and a call fails
+    with an error instead of waiting for an engine that is gone."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from npas_serve.client import Client, ClientError
+    from tests.support import servers as launch
+
+    x = np.zeros((1, 1, 40), np.float32)
+    with launch.running_embedded(served_checkpoint) as server, grpc.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        engine_pid, = [p for p in launch.server_pids(server.pid)[1:] if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        os.kill(engine_pid, signal.SIGKILL)
+        assert wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=15, interval_s=0.1)
+        with Client(server.target, timeout=30) as c, pytest.raises(ClientError) as err:
+            c.predict(x)
+        assert err.value.code == "INTERNAL" and "engine" in err.value.details
+        with Client(server.target, timeout=30) as c:
+            assert "Unhealthy" in c.ping()
