@@ -34,18 +34,23 @@ def test_traced_engine_answers_as_the_eager_one(engines, batch, kind):
     np.testing.assert_allclose(a.probabilities, b.probabilities, rtol=1e-5, atol=1e-6)
 
 
-def test_traced_generation_gives_the_generators_weights(served_checkpoint):
+def test_traced_generation_gives_the_generators_weights_for_any_set_of_steps(served_checkpoint):
+    """Every member at once, whole members, lone steps and a mix of them, in the order asked for: the
+    traces that cover a set (the largest first) give what the generator gives for it."""
     family, manifest = load_checkpoint(served_checkpoint)
     family.eval().requires_grad_(False)
     traces = Traces(family, torch.device("cpu"), None, manifest.input_shape)
-    steps = [Step(m, s) for m in range(len(family.names)) for s in range(family.num_exits)]
-    with torch.inference_mode():
-        got = traces.weights(steps)
-        want = family.steps_weights([(s.member, s.stage) for s in steps])
-    assert [len(w) for w in got] == [len(w) for w in want]
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
-            torch.testing.assert_close(a, b)
+    every = [Step(m, s) for m in range(len(family.names)) for s in range(family.num_exits)]
+    last = len(family.names) - 1
+    member = [Step(last, s) for s in range(family.num_exits)]
+    for steps in (every, every[::-1], member, [every[0]], [Step(0, 1), *member, Step(0, 0)]):
+        with torch.inference_mode():
+            got = traces.weights(steps)
+            want = family.steps_weights([(s.member, s.stage) for s in steps])
+        assert [len(w) for w in got] == [len(w) for w in want]
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                torch.testing.assert_close(a, b)
 
 
 def test_a_stage_whose_trace_would_bake_its_batch_size_runs_eagerly(served_checkpoint, caplog):
