@@ -15,6 +15,7 @@ servicers do not know which one they hold.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import logging
@@ -77,6 +78,8 @@ class EngineProcess:
         self._alive = True
         self._reader = threading.Thread(target=self._read, name="npas-engine-answers", daemon=True)
         self._reader.start()
+        # before multiprocessing's own exit hook, which would wait for a child that ignores SIGTERM
+        atexit.register(self.close)
 
     # --- the surface of Engine the servers use ----------------------------------------------------
     def parse(self, fields: Mapping[str, bytes | str]) -> InferenceRequest:
@@ -117,7 +120,8 @@ class EngineProcess:
         return self._alive and self._process.is_alive()
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Finish the queued work in the engine's process, then stop it."""
+        """Finish the queued work in the engine's process, then stop it (again: nothing)."""
+        atexit.unregister(self.close)
         if self._send(("close",)):
             self._process.join(timeout_s)
         if self._process.is_alive():
@@ -173,9 +177,11 @@ def _deliver(deliver: Delivery, item) -> None:
 # --- the engine's process ----------------------------------------------------------------------------
 def _child(conn, checkpoint: str, config: EngineConfig, metrics_host: str, metrics_port: int) -> None:
     """Load, serve metrics, then run what the server sends until it says close (or goes away)."""
-    # a terminal's Ctrl-C reaches the whole group: the server acts on it (drains its calls, then closes
-    # this process). SIGTERM keeps its default: it is what stops a child a dying server leaves behind
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a signal to the whole group (a terminal's Ctrl-C, `tini -g` in a container) is the server's to act
+    # on: it drains its calls, then closes this process. A server that dies instead closes the pipe,
+    # which ends this process too
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         engine = Engine.load(checkpoint, config)
     except Exception as err:

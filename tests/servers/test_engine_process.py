@@ -129,3 +129,33 @@ def test_a_server_whose_engine_process_dies_says_so_and_fails_calls_at_once(serv
         assert err.value.code == "INTERNAL" and "engine" in err.value.details
         with Client(server.target, timeout=30) as c:
             assert "Unhealthy" in c.ping()
+
+
+def test_sigterm_to_the_whole_group_is_left_to_the_server(served_checkpoint):
+    """A container's init (`tini -g`) signals the server's whole process group, the engine's child
+    included. The child leaves SIGTERM to the server (which drains its calls, then closes the child):
+    signalled alone, it keeps serving; the group signalled, the server exits 0."""
+    import subprocess
+    import sys
+
+    from npas_serve.client import Client
+    from tests.support import servers as launch
+
+    port = launch.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "npas_serve.cli", "serve", str(served_checkpoint),
+                             "--grpc-port", str(port), "--metrics-port", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        launch.wait_port(port, proc)
+        child, = [p for p in launch.server_pids(proc.pid)[1:] if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        os.kill(child, signal.SIGTERM)
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
+            assert c.predict(np.zeros((1, 1, 40), np.float32)).final
+        assert os.path.exists(f"/proc/{child}") and proc.poll() is None
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert wait_until(lambda: not os.path.exists(f"/proc/{child}"), timeout_s=10, interval_s=0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
