@@ -67,6 +67,34 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+Submit = Callable[..., Sequence]     # Engine.submit, or a stand-in with its signature (servers/engine_process.py)
+
+
+def waited_answers(submit: Submit, request: InferenceRequest, intermediate: bool) -> Iterator[InferenceResponse]:
+    """The answers `submit` delivers to one request, waited for on this thread, the last one final; the
+    error that ends it is raised. Closing the iterator early cancels the request's remaining work."""
+    box: queue.SimpleQueue = queue.SimpleQueue()
+    run, = submit([request], [box.put], intermediate)
+    try:
+        while True:
+            item = box.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.final:
+                return
+    finally:
+        run.cancel()            # a no-op once it has ended
+
+
+def final_answer(submit: Submit, request: InferenceRequest) -> InferenceResponse:
+    """The final answer alone (`waited_answers` without the refined ones)."""
+    last = None
+    for last in waited_answers(submit, request, intermediate=False):
+        pass
+    return last
+
+
 class Engine:
     def __init__(self, family: Family, manifest: Manifest, config: EngineConfig | None = None):
         self.config = config or EngineConfig()
@@ -170,10 +198,7 @@ class Engine:
 
     def answer(self, request: InferenceRequest) -> InferenceResponse:
         """The final answer only."""
-        last = None
-        for last in self.answers(request, intermediate=False):
-            pass
-        return last
+        return final_answer(self.submit, request)
 
     def answers(self, request: InferenceRequest, intermediate: bool = True) -> Iterator[InferenceResponse]:
         """One refined answer per finished member (ensemble) or exit (anytime), the last one final.
@@ -182,18 +207,7 @@ class Engine:
         (each costs a stack, entropy and votes: per-request overhead at batch 1). Closing
         the iterator early drops the request's remaining work.
         """
-        box: queue.SimpleQueue = queue.SimpleQueue()
-        run, = self.submit([request], [box.put], intermediate)
-        try:
-            while True:
-                item = box.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.final:
-                    return
-        finally:
-            run.cancel()            # a no-op once it has ended
+        return waited_answers(self.submit, request, intermediate)
 
     def answer_batch(self, requests: Sequence[InferenceRequest]) -> list[InferenceResponse | Exception]:
         """Final answers of requests queued together (TorchServe's batch), returned together, so

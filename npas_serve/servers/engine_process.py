@@ -20,13 +20,13 @@ import functools
 import itertools
 import logging
 import multiprocessing
-import queue
 import signal
 import threading
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from npas_serve.engine import Engine, EngineConfig
+from npas_serve.engine.engine import final_answer
 from npas_serve.engine.run import Delivery
 from npas_serve.errors import UserError
 from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, parse_request
@@ -104,17 +104,7 @@ class EngineProcess:
 
     def answer(self, request: InferenceRequest) -> InferenceResponse:
         """The final answer only (the v2 REST endpoints call this from their threads)."""
-        box: queue.SimpleQueue = queue.SimpleQueue()
-        call, = self.submit([request], [box.put])
-        try:
-            while True:
-                item = box.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.final:
-                    return item
-        finally:
-            call.cancel()
+        return final_answer(self.submit, request)
 
     def ready(self) -> bool:
         return self._alive and self._process.is_alive()
