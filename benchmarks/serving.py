@@ -39,7 +39,6 @@ import resource
 import shutil
 import sys
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -384,10 +383,8 @@ def paced_section(start, input_shape, members: int, seconds: float, capacity: fl
 
 def device_seconds(metrics_url: str) -> tuple[float, float]:
     """The server's `npas_device_busy_seconds_total` and `npas_device_cpu_seconds_total`, from /metrics."""
-    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
-    return tuple(sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(f"npas_device_{kind}_seconds_total"))
-                 for kind in ("busy", "cpu"))
+    return (launch.metric_sum(metrics_url, "npas_device_busy_seconds_total"),
+            launch.metric_sum(metrics_url, "npas_device_cpu_seconds_total"))
 
 
 def servers(args, checkpoint: Path, input_shape, members: int) -> dict:

@@ -17,7 +17,7 @@ import pytest
 
 from npas_serve.client import Client, ClientError
 from npas_serve.protocol import encode_request, inference_pb2, inference_pb2_grpc
-from tests.support.servers import server_pids
+from tests.support.servers import metric_sum, server_pids
 
 
 def client(server) -> Client:
@@ -57,13 +57,6 @@ def same(got, alone) -> None:
         assert a.predictions == b.predictions
         np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
         np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-4)
-
-
-def metric_sum(url: str, name: str) -> float:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        lines = resp.read().decode().splitlines()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") or
-               line.startswith(name + " "))
 
 
 def test_mixed_concurrent_load_gets_the_answers_each_request_gets_alone(server):

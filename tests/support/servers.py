@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ def server_pids(pid: int) -> list[int]:
             with open(f"/proc/{p}/task/{task}/children") as f:
                 todo += [int(c) for c in f.read().split()]
     return pids
+
+
+def metric_sum(url: str, name: str) -> float:
+    """The sum of metric `name` over its series on a server's /metrics (0 when it has none yet)."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{") or
+               line.startswith(name + " "))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
