@@ -14,7 +14,7 @@ check runs eagerly, with a warning. Generation is traced at load too: a generati
 takes no input, it replays the generator's operators on the shared parameters, which do
 not change while serving, and is checked once against the eager generation. There is one
 for each step, one for each member whole and one for every member at once: a set of steps
-generated together reads each bank once and fills one buffer per group, and the sets the
+generated together reads each bank once and fills one buffer per layer shape, and the sets the
 engine asks for are mostly those (a request's members, or all of them). Any other set is
 covered by the largest of these it contains, then step by step; tracing each new set on
 first use instead took up to 110 ms of a request's time.
@@ -92,7 +92,7 @@ class Traces:
     def weights(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:
         """`Family.steps_weights` of `steps`: every member at once, or whole members, each through one
         trace, the rest step by step. A trace generates a set of steps from one product per bank and
-        one buffer per group; step by step, each step's trace builds its own (for the default family's
+        one buffer per layer shape; step by step, each step's trace builds its own (for the default family's
         whole ensemble, 0.37 ms against 0.46 ms, bit for bit the same weights)."""
         wanted, made = set(steps), {}
         for covered, order, generate in self._generation:

@@ -239,7 +239,7 @@ class SuperWeights(WeightGenerator):
         return plan
 
     def generate(self, slot_ids: Sequence[int]) -> list[torch.Tensor]:
-        # One product per bank for every slot asked for at once, written into one buffer per group
+        # One product per bank for every slot asked for at once, written into one buffer per layer shape
         # (npas_serve/generators/assembly.py): a call costs a few operations per bank, not per layer.
         coefficients = self.coefficients._parameters     # indexing a ParameterList goes through getattr
         plan = self._plan(tuple(slot_ids), coefficients["0"].device)
