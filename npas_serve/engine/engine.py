@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from npas_serve.checkpoint import Manifest, load_checkpoint
 from npas_serve.engine.answer import Answers
 from npas_serve.engine.batch import BatchRunner
 from npas_serve.engine.cache import WeightCache
+from npas_serve.engine.kernels import ConvKernels, choose
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
 from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within
 from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted
@@ -116,6 +118,7 @@ class Engine:
                   if self.config.trace else None)
         self._stages = StageRunner(self.family, self.device, self.cache, self._frozen, traces)
         self._resident = resident_bytes(self.family, self._frozen, 0)   # fixed at load, but for the cache
+        self._stages.kernels = self._choose_kernels()
         self._observers: list[Callable[[Observation], None]] = []
         self.cost = CostModel(len(self.names), self.num_exits)
         self.cost.fit(self._time_member, self.config.warmup_batch_sizes)
@@ -278,6 +281,31 @@ class Engine:
                 log.exception("an observer failed on %s", observation)
 
     # --- warm-up ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _choose_kernels(self) -> ConvKernels:
+        """The convolution kernels by batch size that run this family fastest here (engine/kernels.py),
+        timed on every member's stages with their weights generated beforehand."""
+        steps = [Step(m, s) for m in range(len(self.names)) for s in range(self.num_exits)]
+
+        def seconds(kernels: ConvKernels, batch: int) -> float:
+            self._stages.kernels = kernels
+            x = torch.randn(batch, *self.limits.input_shape, device=self.device)
+            t0 = time.perf_counter()
+            for m in range(len(self.names)):
+                h = x
+                for s in range(self.num_exits):
+                    h = self._stages.run(Step(m, s), h).hidden
+            return time.perf_counter() - t0
+
+        self._stages.prepare(steps)
+        try:
+            kernels = choose(seconds, self.device)
+        finally:
+            self._stages.release()
+        log.info("convolutions: PyTorch's own kernels up to batch %d, then torch's choice (oneDNN)",
+                 kernels.direct_up_to)
+        return kernels
+
     @torch.inference_mode()
     def _time_member(self, member: int, batch: int) -> list[float]:
         """Milliseconds of each stage (generation + stage + head) of `member` at `batch`."""

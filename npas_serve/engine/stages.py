@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from npas_serve.engine.cache import WeightCache
+from npas_serve.engine.kernels import ConvKernels
 from npas_serve.engine.planner import Step
 from npas_serve.engine.traces import Traces, eager_stage
 from npas_serve.family import Family, Member
@@ -42,6 +43,7 @@ class StageRunner:
         self.cache = cache
         self.frozen = frozen      # plain members with their weights baked in at load, or None
         self.traces = traces      # traced stages and generation, or None: everything eager
+        self.kernels = ConvKernels()    # the convolution kernels by batch size (engine/kernels.py)
         self._eager = {Step(m, s): eager_stage(family, frozen, Step(m, s))
                        for m in range(len(family.names)) for s in range(family.num_exits)}
         self._prepared: dict[Step, tuple[list[torch.Tensor], float]] = {}   # step -> (weights, its generation s)
@@ -86,7 +88,8 @@ class StageRunner:
             weights = self._generate([step])[0]
             generated_s = time.perf_counter() - t0
         stage = (self.traces and self.traces.stage(step)) or self._eager[step]
-        h, probs = stage(h, *weights)
+        with self.kernels.used_for(h.shape[0]):
+            h, probs = stage(h, *weights)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         ms = (time.perf_counter() - t0 + (generated_s if prepared is not None else 0.0)) * 1000
