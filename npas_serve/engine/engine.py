@@ -30,7 +30,7 @@ from npas_serve.engine.cache import WeightCache
 from npas_serve.engine.kernels import ConvKernels, choose
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
 from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within
-from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted
+from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted, WaysIn
 from npas_serve.engine.scheduler import BatchScheduler
 from npas_serve.engine.stages import StageRunner
 from npas_serve.engine.traces import Traces
@@ -120,6 +120,7 @@ class Engine:
         self._resident = resident_bytes(self.family, self._frozen, 0)   # fixed at load, but for the cache
         self._stages.kernels = self._choose_kernels()
         self._observers: list[Callable[[Observation], None]] = []
+        self._ways_in = WaysIn()      # what an answer's way back is predicted from (engine/run.py)
         self.cost = CostModel(len(self.names), self.num_exits)
         self.cost.fit(self._time_member, self.config.warmup_batch_sizes)
         self.planner = Planner.from_manifest(self.cost, self.names, manifest)
@@ -176,7 +177,7 @@ class Engine:
         `together`: their answers leave together (TorchServe sends its batch's replies at once), so
         every request with a budget is planned to end when the tightest of them must."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
-        runs = [RequestRun.start(request, intermediate=flag, deliver=deliver, on_end=self._notify)
+        runs = [RequestRun.start(request, self._ways_in, intermediate=flag, deliver=deliver, on_end=self._notify)
                 for request, deliver, flag in zip(requests, deliveries, flags, strict=True)]
         if together:
             RequestRun.end_together(runs)

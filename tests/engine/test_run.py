@@ -6,7 +6,7 @@ import pytest
 
 import time
 
-from npas_serve.engine.run import RequestRun, effective_budget_ms, way_back_ms
+from npas_serve.engine.run import RequestRun, WaysIn, effective_budget_ms, way_back_ms
 from npas_serve.engine.stages import StageResult
 from npas_serve.protocol import InferenceRequest
 
@@ -30,6 +30,27 @@ def test_a_deadline_keeps_the_way_in_for_the_way_back():
     sent = RequestRun.start(InferenceRequest(inputs=x, deadline_unix_ms=now + 100, sent_unix_ms=now - 20))
     plain = RequestRun.start(InferenceRequest(inputs=x, deadline_unix_ms=now + 100))
     assert 15 < plain.budget_ms - sent.budget_ms <= 25 and sent.deadline_at == pytest.approx(plain.deadline_at, abs=0.01)
+
+
+def test_the_way_back_is_the_slowest_tenth_of_recent_ways_in_when_longer_than_its_own():
+    assert way_back_ms(1100.0, 990.0, 1000.0, recent_ms=30.0) == 30.0     # its own 10 ms, recent ones 30
+    assert way_back_ms(1100.0, 950.0, 1000.0, recent_ms=30.0) == 50.0     # its own is longer
+    assert way_back_ms(1040.0, 990.0, 1000.0, recent_ms=30.0) == 20.0     # at most half of what is left
+    assert way_back_ms(None, 990.0, 1000.0, recent_ms=30.0) == 0.0        # no deadline: nothing to keep
+    ways = WaysIn()
+    for ms in range(1, 161):                     # 1..160 ms: their 90th percentile, 144
+        ways.add(float(ms))
+    assert 140 <= ways.reserve_ms <= 148
+    for _ in range(WaysIn.SIZE):                 # a calm spell replaces a congested one
+        ways.add(2.0)
+    assert ways.reserve_ms == 2.0
+    now = time.time() * 1000
+    x = np.zeros((1, 2), np.float32)
+    ways = WaysIn()
+    for _ in range(20):                          # recent requests took 30 ms to arrive
+        RequestRun.start(InferenceRequest(inputs=x, deadline_unix_ms=now + 200, sent_unix_ms=now - 30), ways)
+    fast = RequestRun.start(InferenceRequest(inputs=x, deadline_unix_ms=now + 100, sent_unix_ms=now - 1), ways)
+    assert 25 <= fast.way_back_ms <= 35 and fast.budget_ms < 75
 
 
 def test_stage_results_add_up_in_the_observation():
