@@ -17,7 +17,7 @@ import pytest
 
 from npas_serve.client import Client, ClientError
 from npas_serve.protocol import encode_request, inference_pb2, inference_pb2_grpc
-from tests.support.servers import metric_sum, server_pids
+from tests.support.servers import metric_sum, process_cpu_s, server_pids
 
 
 def client(server) -> Client:
@@ -150,16 +150,6 @@ def test_a_full_queue_refuses_with_resource_exhausted_at_once(served_checkpoint)
         assert not waiting.done()
         answer, _ = waiting.result(timeout=60)
         assert not isinstance(answer, ClientError) and answer.final, answer
-
-
-def process_cpu_s(pid: int) -> float:
-    """User and system CPU seconds of the server, its children included."""
-    total = 0
-    for p in server_pids(pid):
-        with open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def threads(pid: int) -> int:

@@ -52,6 +52,16 @@ def server_pids(pid: int) -> list[int]:
     return pids
 
 
+def process_cpu_s(pid: int) -> float:
+    """User and system CPU seconds of a server so far, its children included (`server_pids`)."""
+    total = 0
+    for p in server_pids(pid):
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def metric_sum(url: str, name: str) -> float:
     """The sum of metric `name` over its series on a server's /metrics (0 when it has none yet)."""
     with urllib.request.urlopen(url, timeout=10) as resp:
