@@ -32,7 +32,7 @@ from npas_serve.engine.memory import ResidentBytes, resident_bytes
 from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within
 from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted, WaysIn
 from npas_serve.engine.scheduler import BatchScheduler
-from npas_serve.engine.stages import StageRunner
+from npas_serve.engine.stages import StageResult, StageRunner
 from npas_serve.engine.traces import Traces
 from npas_serve.ensemble import Temperatures
 from npas_serve.family import Family
@@ -290,12 +290,9 @@ class Engine:
 
         def seconds(kernels: ConvKernels, batch: int) -> float:
             self._stages.kernels = kernels
-            x = torch.randn(batch, *self.limits.input_shape, device=self.device)
             t0 = time.perf_counter()
             for m in range(len(self.names)):
-                h = x
-                for s in range(self.num_exits):
-                    h = self._stages.run(Step(m, s), h).hidden
+                self._run_member(m, batch)
             return time.perf_counter() - t0
 
         self._stages.prepare(steps)
@@ -310,12 +307,16 @@ class Engine:
     @torch.inference_mode()
     def _time_member(self, member: int, batch: int) -> list[float]:
         """Milliseconds of each stage (generation + stage + head) of `member` at `batch`."""
+        results = self._run_member(member, batch)
+        for s, result in enumerate(results):
+            self.cost.observe(Step(member, s), batch, result.ms)
+        return [result.ms for result in results]
+
+    def _run_member(self, member: int, batch: int) -> list[StageResult]:
+        """Every stage of `member` on `batch` random examples, each on the one before's output."""
         h = torch.randn(batch, *self.limits.input_shape, device=self.device)
-        times = []
+        results = []
         for s in range(self.num_exits):
-            step = Step(member, s)
-            result = self._stages.run(step, h)
-            self.cost.observe(step, batch, result.ms)
-            h = result.hidden
-            times.append(result.ms)
-        return times
+            results.append(self._stages.run(Step(member, s), h))
+            h = results[-1].hidden
+        return results

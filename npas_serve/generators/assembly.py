@@ -85,17 +85,17 @@ def plan_assembly(slot_ids: Sequence[int], slot_shapes: Sequence[tuple[int, ...]
             chain = _chain([banks[bank_of[g, w]] for w in range(top + 1)])
             kernel = chain[0][2:]
             shapes = list(dict.fromkeys(shape[p] for p in order))
-            members = [[p for p in order if shape[p] == s] for s in shapes]
+            by_shape = [[p for p in order if shape[p] == s] for s in shapes]
             # per buffer: its first row in the product, its slots, its shape, its width
-            buffers = [(order.index(ps[0]), len(ps), s, width[ps[0]]) for s, ps in zip(shapes, members)]
+            buffers = [(order.index(ps[0]), len(ps), s, width[ps[0]]) for s, ps in zip(shapes, by_shape)]
             widths = []
             for w in range(top + 1):
                 b = bank_of[g, w]
                 users = [slot_ids[p] for p in order if width[p] >= w]
                 widths.append(WidthStep(b, _rows([rows[b][s] for s in users], num_rows[b], device),
                                         _blocks(buffers, chain, w, kernel)))
-            outputs = tuple((p, k, r) for k, ps in enumerate(members) for r, p in enumerate(ps))
-            groups.append(GroupStep(tuple((len(ps), *s, *kernel) for s, ps in zip(shapes, members)),
+            outputs = tuple((p, k, r) for k, ps in enumerate(by_shape) for r, p in enumerate(ps))
+            groups.append(GroupStep(tuple((len(ps), *s, *kernel) for s, ps in zip(shapes, by_shape)),
                                     tuple(widths), top == 0, outputs))
     return AssemblyPlan(tuple(groups), len(slot_ids))
 
