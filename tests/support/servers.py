@@ -46,9 +46,16 @@ def server_pids(pid: int) -> list[int]:
     while todo:
         p = todo.pop(0)
         pids.append(p)
-        for task in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{task}/children") as f:
-                todo += [int(c) for c in f.read().split()]
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:       # the process ended while we looked
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except FileNotFoundError:   # a thread that ended between the listing and the read
+                continue
     return pids
 
 
@@ -56,8 +63,11 @@ def process_cpu_s(pid: int) -> float:
     """User and system CPU seconds of a server so far, its children included (`server_pids`)."""
     total = 0
     for p in server_pids(pid):
-        with open(f"/proc/{p}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:       # ended since it was listed: its time went with it
+            continue
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 
