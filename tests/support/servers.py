@@ -45,11 +45,11 @@ def server_pids(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
         p = todo.pop(0)
-        pids.append(p)
         try:
             tasks = os.listdir(f"/proc/{p}/task")
-        except FileNotFoundError:       # the process ended while we looked
+        except FileNotFoundError:       # the process ended while we looked: not listed
             continue
+        pids.append(p)
         for task in tasks:
             try:
                 with open(f"/proc/{p}/task/{task}/children") as f:
