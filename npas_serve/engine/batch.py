@@ -23,6 +23,9 @@ Between steps a request can leave:
 - ensemble: when the members of its plan are done, or its next member no longer fits;
 - any: cancelled (dropped), or past its deadline (its best answer so far, or DeadlineExceeded).
 
+A member that nothing can leave in the middle of (no anytime request, no deadline it may outlast)
+runs whole, all its stages in one call: the checks between its stages would find nothing to do.
+
 Answers leave as soon as they exist: an ensemble's answer after the members of its plan
 order that are done (a member done out of its order waits for the ones before it), an
 anytime answer after each exit. Every request has ended when `run` returns.
@@ -39,7 +42,7 @@ import torch
 from npas_serve.engine.answer import Answers, Due
 from npas_serve.engine.planner import CostModel, Step, fits_with_margin
 from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
-from npas_serve.engine.stages import StageRunner
+from npas_serve.engine.stages import StageResult, StageRunner
 
 
 class Queue(Protocol):
@@ -209,19 +212,23 @@ class BatchRunner:
             self.stages.prepare(missing)
 
     def _member(self, member: int, group: list[_Progress], flight: list[_Progress]) -> float:
-        """All stages of one member, each once on the rows of the requests still needing it; the
-        milliseconds its steps took."""
+        """All stages of one member, each once on the rows of the requests still needing it (or all in
+        one call, `_whole`); the milliseconds its steps took."""
         depth = max(p.depth(self.num_exits) for p in group)
         h = torch.cat([p.run.inputs for p in group]) if len(group) > 1 else group[0].run.inputs
-        steps_ms = 0.0
-        for stage in range(depth + 1):
+        steps_ms, stage = 0.0, 0
+        while stage <= depth:
             self.queue.expire()
             group, h = self._keep(group, h, [p for p in group if self._still_wanted(p)])
             if not group:
                 return steps_ms
-            step = Step(member, stage)
-            result = self.stages.run(step, h)
-            self.cost.observe(step, h.shape[0], result.ms)
+            result = self._whole(member, group, h) if stage == 0 and depth == self.num_exits - 1 else None
+            if result is not None:
+                stage = depth               # the member ran whole: its last stage's answers follow
+            else:
+                step = Step(member, stage)
+                result = self.stages.run(step, h)
+                self.cost.observe(step, h.shape[0], result.ms)
             steps_ms += result.ms
             start, finished = 0, []
             for p in group:
@@ -241,7 +248,25 @@ class BatchRunner:
             if stage < depth:
                 group, h = self._keep(group, result.hidden,
                                       [p for p in group if not p.run.done and p.depth(self.num_exits) > stage])
+            stage += 1
         return steps_ms
+
+    def _whole(self, member: int, group: list[_Progress], h: torch.Tensor) -> StageResult | None:
+        """The member's every stage in one call (`StageRunner.run_member`), when nothing would leave the
+        batch between its stages: no anytime request (each leaves at its exits) and no deadline that
+        can pass before the member ends. A cancelled call then leaves at the member's end, not at the
+        next stage. The cost model sees each step's share of the time (by its prediction)."""
+        n = len(h)
+        ends = time.perf_counter() + self.cost.member_ms(member, n) / 1000
+        if any(p.anytime or p.run.deadline_at <= ends for p in group):
+            return None
+        result = self.stages.run_member(member, h)
+        if result is not None:
+            predicted = [self.cost.predict(Step(member, s), n) for s in range(self.num_exits)]
+            total = sum(predicted)
+            for s, share in enumerate(predicted if total > 0 else []):
+                self.cost.observe(Step(member, s), n, result.ms * share / total)
+        return result
 
     def _keep(self, group: list[_Progress], h: torch.Tensor, kept: list[_Progress]) -> tuple[list[_Progress], torch.Tensor]:
         """The rows of `h` that belong to the requests still in the batch."""

@@ -4,7 +4,8 @@ The weights come from the generator (on the fly), from the optional cache, or
 are already baked into a frozen member; the stage itself runs through the
 family's `run_stage`, the one place that binds generated weights to layers, as a
 TorchScript trace of it when there is one (`traces`: the same operators without
-Python between them).
+Python between them). A member that a batch takes whole runs in one call (`run_member`,
+its whole trace), its weights got step by step as for `run`.
 The steps in flight can be generated together first (`prepare`: eagerly, one generator
 call reads each bank once for every member needed; with traces, each step's own trace
 runs in turn). Prepared weights serve every step that runs them until `release`, which
@@ -72,28 +73,51 @@ class StageRunner:
     def run(self, step: Step, h: torch.Tensor) -> StageResult:
         """Callers hold the scheduler's turn, so the cache's hit count is this step's alone."""
         t0 = time.perf_counter()
-        hits, generated_s = 0, 0.0
-        prepared = self._prepared.get(step)
-        if self.frozen is not None:          # weights baked in at load: nothing to generate
-            weights = []
-        elif prepared is not None:           # its generation is counted in the first step that uses it
-            weights, generated_s = prepared
-            self._prepared[step] = (weights, 0.0)
-        elif self.cache.max_bytes:
-            before = self.cache.hits
-            weights = self.cache.get((step.member, step.stage), lambda: self._generate([step])[0])
-            hits = self.cache.hits - before
-            generated_s = time.perf_counter() - t0
-        else:
-            weights = self._generate([step])[0]
-            generated_s = time.perf_counter() - t0
+        weights, generated_s, hits, before_s = self._weights(step)
         stage = (self.traces and self.traces.stage(step)) or self._eager[step]
         with self.kernels.used_for(h.shape[0]):
             h, probs = stage(h, *weights)
+        return self._result(h, probs, t0, before_s, generated_s, hits)
+
+    def run_member(self, member: int, h: torch.Tensor) -> StageResult | None:
+        """Every stage of `member` in one call (`Traces.member`), or None where it has no whole trace:
+        the last stage's `run`, as stage by stage, and its `ms` the whole member's."""
+        whole = self.traces.member(member) if self.traces is not None else None
+        if whole is None:
+            return None
+        t0 = time.perf_counter()
+        weights, generated_s, hits, before_s = [], 0.0, 0, 0.0
+        for stage in range(self.family.num_exits):
+            w, g, c, b = self._weights(Step(member, stage))
+            weights += w
+            generated_s, hits, before_s = generated_s + g, hits + c, before_s + b
+        with self.kernels.used_for(h.shape[0]):
+            h, probs = whole(h, *weights)
+        return self._result(h, probs, t0, before_s, generated_s, hits)
+
+    def _weights(self, step: Step) -> tuple[list[torch.Tensor], float, int, float]:
+        """A step's weights: (weights, seconds generating them, cache hits, of those seconds the ones
+        spent before this call: prepared weights count in the first step that uses them)."""
+        t0 = time.perf_counter()
+        prepared = self._prepared.get(step)
+        if self.frozen is not None:          # weights baked in at load: nothing to generate
+            return [], 0.0, 0, 0.0
+        if prepared is not None:
+            weights, generated_s = prepared
+            self._prepared[step] = (weights, 0.0)
+            return weights, generated_s, 0, generated_s
+        if self.cache.max_bytes:
+            before = self.cache.hits
+            weights = self.cache.get((step.member, step.stage), lambda: self._generate([step])[0])
+            return weights, time.perf_counter() - t0, self.cache.hits - before, 0.0
+        weights = self._generate([step])[0]
+        return weights, time.perf_counter() - t0, 0, 0.0
+
+    def _result(self, h: torch.Tensor, probs: torch.Tensor, t0: float, before_s: float, generated_s: float,
+                hits: int) -> StageResult:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        ms = (time.perf_counter() - t0 + (generated_s if prepared is not None else 0.0)) * 1000
-        return StageResult(h, probs, ms, generated_s, hits)
+        return StageResult(h, probs, (time.perf_counter() - t0 + before_s) * 1000, generated_s, hits)
 
     def _generate(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:
         if self.traces is not None:

@@ -5,7 +5,8 @@ Why: at the batch sizes serving sees, a stage is tens of small operators. Run ea
 each one returns to Python and takes the GIL back, so the Python around the operators
 costs about as much as the arithmetic, and whenever another thread of the server holds
 the GIL (the gRPC loop parsing a request), the device thread waits at every operator.
-A trace runs the same operators, with the same results, in one call.
+A trace runs the same operators, with the same results, in one call. Each member is also traced
+whole (every stage, then its last exit), for a batch that takes it whole.
 
 Traces are made at load and checked before use: a stage traced at one batch size must
 give the eager stage's results at another (a family whose Python bakes a batch size or
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 TRACE_BATCH, CHECK_BATCH = 2, 3
 
 StageFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]     # (h, *weights) -> (hidden, probs)
+# (h, *every stage's weights in order) -> (the last stage's hidden, the last exit's probs)
+MemberFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class Traces:
@@ -48,6 +51,7 @@ class Traces:
                  input_shape: Sequence[int]):
         self.family, self.frozen = family, frozen
         self._stages: dict[Step, StageFn] = {}
+        self._members: dict[int, MemberFn] = {}     # each member whole, where every stage traced
         # generation traces, largest set of steps first: every member at once, each member whole, each step
         self._generation: list[tuple[frozenset[Step], list[Step], Callable[[], tuple]]] = []
         self._counts: dict[Step, int] = {}          # weights per step
@@ -69,13 +73,22 @@ class Traces:
         """The traced stage, or None when it runs eagerly."""
         return self._stages.get(step)
 
+    def member(self, member: int) -> MemberFn | None:
+        """The whole member as one trace, or None: the stages' operators in one call, with neither
+        Python nor a hand-back of the GIL between stages, for a batch that takes the member whole."""
+        return self._members.get(member)
+
     def _trace_member(self, member: int, x: torch.Tensor) -> None:
-        """Trace each stage of `member` on its real inputs (`x` through the stages before it)."""
+        """Trace each stage of `member` on its real inputs (`x` through the stages before it), then
+        the member whole when every stage traced."""
+        first, stages, weights_by_stage, want = x, [], [], None
         for stage in range(self.family.num_exits):
             step = Step(member, stage)
             eager = eager_stage(self.family, self.frozen, step)
             weights = () if self.frozen is not None else tuple(self.family.stage_weights(member, stage))
             want = eager(x, *weights)
+            stages.append(eager)
+            weights_by_stage.append(weights)
             try:
                 with _quiet():
                     traced = torch.jit.trace(eager, (x[:TRACE_BATCH], *weights), check_trace=False)
@@ -87,6 +100,32 @@ class Traces:
                             str(err).splitlines()[0] if str(err) else type(err).__name__)
                 self.eager_stages.append(step)
             x = want[0]                     # the next stage's input
+        if not any(step.member == member for step in self.eager_stages):
+            self._trace_whole(member, first, stages, weights_by_stage, want)
+
+    def _trace_whole(self, member: int, x: torch.Tensor, stages: list[StageFn],
+                     weights_by_stage: list[tuple[torch.Tensor, ...]], want: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """One trace of every stage of `member` in turn, checked against the stages one by one (`want`,
+        at CHECK_BATCH). The earlier exits' heads are left out of it: nothing reads them."""
+        counts = [len(w) for w in weights_by_stage]
+        flat = tuple(w for ws in weights_by_stage for w in ws)
+
+        def whole(h: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            start = 0
+            for stage, count in zip(stages, counts):
+                h, probs = stage(h, *weights[start:start + count])
+                start += count
+            return h, probs
+        try:
+            with _quiet():
+                traced = torch.jit.trace(whole, (x[:TRACE_BATCH], *flat), check_trace=False)
+            if not _same(traced(x, *flat), want):
+                raise ValueError(f"its trace at batch {TRACE_BATCH} differs from it at batch {CHECK_BATCH}")
+            traced(x, *flat)        # optimised at load, as the generation traces below
+            self._members[member] = traced
+        except Exception as err:    # its stages still run one by one
+            log.warning("member %s runs stage by stage: %s", self.family.names[member],
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
 
     # --- generation -------------------------------------------------------------------------
     def weights(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:

@@ -105,6 +105,27 @@ def test_a_request_cancelled_mid_batch_is_dropped_and_the_others_answered(engine
     assert kept[-1].final and len(kept[-1].members_used) == len(engine.names)
 
 
+def test_a_member_taken_whole_runs_in_one_call_unless_something_may_leave_between_its_stages(engine, monkeypatch):
+    calls = []
+    run, run_member = engine._stages.run, engine._stages.run_member
+    monkeypatch.setattr(engine._stages, "run", lambda step, h: calls.append("stage") or run(step, h))
+    monkeypatch.setattr(engine._stages, "run_member", lambda m, h: calls.append("member") or run_member(m, h))
+    x = np.zeros((1, 1, 40), np.float32)
+    n, exits = len(engine.names), engine.num_exits
+
+    collect(engine, [(InferenceRequest(inputs=x), False)])
+    assert calls == ["member"] * n
+    calls.clear()
+    collect(engine, [(InferenceRequest(inputs=x, mode="anytime"), False)])     # it leaves at its exits
+    assert calls == ["stage"] * exits
+    calls.clear()
+    # a deadline the member is predicted to outlast: checked between stages (an idle engine runs it anyway)
+    monkeypatch.setattr(engine.cost, "member_ms", lambda member, batch, upto=None: 120_000.0)
+    deadline = time.time() * 1000 + 60_000
+    (answers,), _ = collect(engine, [(InferenceRequest(inputs=x, deadline_unix_ms=deadline), False)])
+    assert answers[-1].final and calls == ["stage"] * exits * len(answers[-1].members_used)
+
+
 def test_the_plan_counts_the_queue_ahead(engine, monkeypatch):
     """A budget the whole ensemble fits alone, but not after the predicted wait: fewer members."""
     x = np.zeros((1, 1, 40), np.float32)

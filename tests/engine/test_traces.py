@@ -53,7 +53,7 @@ def test_traced_generation_gives_the_generators_weights_for_any_set_of_steps(ser
                 torch.testing.assert_close(a, b)
 
 
-def test_every_generation_trace_is_optimised_at_load(engines):
+def test_every_generation_trace_and_whole_member_is_optimised_at_load(engines):
     """TorchScript optimises a graph on its second call (4-9 ms of CPU for a member's weights): a
     request whose plan first needs a set of members must not pay it. A graph not optimised yet has no
     execution plan to show (`get_debug_state` raises)."""
@@ -62,6 +62,8 @@ def test_every_generation_trace_is_optimised_at_load(engines):
     assert len(generation) == 1 + len(traced.names) * (1 + traced.num_exits)   # all, each member, each step
     for _, _, generate in generation:
         assert len(generate.get_debug_state().execution_plans) == 1
+    for member in range(len(traced.names)):           # each member whole, too
+        assert len(traced._stages.traces.member(member).get_debug_state().execution_plans) == 1
 
 
 def test_a_stage_whose_trace_would_bake_its_batch_size_runs_eagerly(served_checkpoint, caplog):
