@@ -26,12 +26,6 @@ Between steps a request can leave:
 A member that nothing can leave in the middle of (no anytime request, no deadline it may outlast)
 runs whole, all its stages in one call: the checks between its stages would find nothing to do.
 
-Refinements wait for a core of their own. On a CPU, when the device thread has had a core for less
-than CONTENDED of its recent time in rounds, the machine's cores are oversubscribed and the server's
-front (gRPC, parsing, encoding) needs them too: while other requests are in flight, a budgeted
-request then ends with its first answer, because further members would take CPU from every other
-call's way in and out. Requests without a budget get their whole plan regardless.
-
 Answers leave as soon as they exist: an ensemble's answer after the members of its plan
 order that are done (a member done out of its order waits for the ones before it), an
 anytime answer after each exit. Every request has ended when `run` returns.
@@ -49,10 +43,6 @@ from npas_serve.engine.answer import Answers, Due
 from npas_serve.engine.planner import CostModel, Step, fits_with_margin
 from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
 from npas_serve.engine.stages import StageResult, StageRunner
-
-# the device thread's share of its recent round time on a CPU below which refinements stop (see above):
-# the embedded server at 1,050 requests/s on 2 cores ran at 0.64-0.68 and 50% load at 0.79-0.83
-CONTENDED = 0.75
 
 
 class Queue(Protocol):
@@ -123,19 +113,14 @@ class DeviceTime:
     server whose CPU share is low is slowed by its neighbours, not by its own work. On CUDA, time
     waiting for the device counts as waiting too. Read by the metrics (`take`) on any thread."""
 
-    SHARE_EMA = 0.1          # weight of the newest round in `cpu_share`
-
     def __init__(self):
         self._lock = threading.Lock()
         self._wall_s = self._cpu_s = 0.0
-        self.cpu_share = 1.0     # CPU over wall of recent rounds, a moving average
 
     def add(self, wall_s: float, cpu_s: float) -> None:
         with self._lock:
             self._wall_s += wall_s
             self._cpu_s += cpu_s
-        if wall_s > 0:
-            self.cpu_share += self.SHARE_EMA * (min(1.0, cpu_s / wall_s) - self.cpu_share)
 
     def take(self) -> tuple[float, float]:
         """(wall, CPU) seconds since the last `take`."""
@@ -154,7 +139,6 @@ class BatchRunner:
         self.queue: Queue = queue or _NoQueue()     # the scheduler, once it exists
         self._due: list[Due] = []                   # answers of the current step, built together by `_send`
         self.time = DeviceTime()
-        self._crowded = False                       # more than one request in flight this round
 
     # --- prediction -------------------------------------------------------------------------
     def predict_ms(self, runs: Sequence[RequestRun]) -> float:
@@ -189,7 +173,6 @@ class BatchRunner:
                     return
                 now, cpu = time.perf_counter(), time.thread_time()    # the round starts: its overhead from here
                 flight.sort(key=lambda p: p.urgency(now))
-                self._crowded = len(flight) > 1
                 self._settle(flight)
                 flight = [p for p in flight if not p.run.done]
                 if not flight:
@@ -379,11 +362,6 @@ class BatchRunner:
             for d, answer in zip(due, self.answers.respond_many(due)):
                 d.run.give(answer)
 
-    def _fits(self, run: RequestRun, predicted_ms: float) -> bool:
-        """Whether a request's next member (or exit) may run: within what is left of its budget, and
-        for a budgeted request among others, not while the device thread waits for cores (CONTENDED; on
-        CUDA it waits for the device instead, which takes nothing from the front)."""
-        if (run.budget_ms is not None and self._crowded and self.stages.device.type == "cpu"
-                and self.time.cpu_share < CONTENDED):
-            return False
+    @staticmethod
+    def _fits(run: RequestRun, predicted_ms: float) -> bool:
         return fits_with_margin(predicted_ms, run.started, run.budget_ms)

@@ -126,22 +126,6 @@ def test_a_member_taken_whole_runs_in_one_call_unless_something_may_leave_betwee
     assert answers[-1].final and calls == ["stage"] * exits * len(answers[-1].members_used)
 
 
-def test_a_budgeted_request_among_others_ends_with_its_first_answer_while_the_device_thread_waits_for_cores(
-        engine, monkeypatch):
-    x = np.zeros((1, 1, 40), np.float32)
-    roomy = dict(budget_ms=30_000)
-    (full,), _ = collect(engine, [(InferenceRequest(inputs=x, **roomy), False)])
-    assert len(full[-1].members_used) == len(engine.names)
-    monkeypatch.setattr(engine._batches.time, "cpu_share", 0.0)     # rounds had no core of their own
-    (cut, unbudgeted), _ = collect(engine, [(InferenceRequest(inputs=x, **roomy), False),
-                                            (InferenceRequest(inputs=x), False)])
-    assert cut[-1].final and len(cut[-1].members_used) == 1
-    assert len(unbudgeted[-1].members_used) == len(engine.names)   # without a budget, the whole plan
-    monkeypatch.setattr(engine._batches.time, "cpu_share", 0.0)
-    (alone,), _ = collect(engine, [(InferenceRequest(inputs=x, **roomy), False)])
-    assert len(alone[-1].members_used) == len(engine.names)        # nobody else's CPU to take
-
-
 def test_the_plan_counts_the_queue_ahead(engine, monkeypatch):
     """A budget the whole ensemble fits alone, but not after the predicted wait: fewer members."""
     x = np.zeros((1, 1, 40), np.float32)
