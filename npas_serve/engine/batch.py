@@ -264,8 +264,9 @@ class BatchRunner:
         if result is not None:
             predicted = [self.cost.predict(Step(member, s), n) for s in range(self.num_exits)]
             total = sum(predicted)
-            for s, share in enumerate(predicted if total > 0 else []):
-                self.cost.observe(Step(member, s), n, result.ms * share / total)
+            if total > 0:
+                for s, share in enumerate(predicted):
+                    self.cost.observe(Step(member, s), n, result.ms * share / total)
         return result
 
     def _keep(self, group: list[_Progress], h: torch.Tensor, kept: list[_Progress]) -> tuple[list[_Progress], torch.Tensor]:

@@ -90,14 +90,9 @@ class Traces:
             stages.append(eager)
             weights_by_stage.append(weights)
             try:
-                with _quiet():
-                    traced = torch.jit.trace(eager, (x[:TRACE_BATCH], *weights), check_trace=False)
-                if not _same(traced(x, *weights), want):
-                    raise ValueError(f"its trace at batch {TRACE_BATCH} differs from it at batch {CHECK_BATCH}")
-                self._stages[step] = traced
+                self._stages[step] = _checked_trace(eager, x, weights, want)
             except Exception as err:        # anything a trace cannot hold: that stage stays eager
-                log.warning("stage %s of member %s runs eagerly: %s", stage, self.family.names[member],
-                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                log.warning("stage %s of member %s runs eagerly: %s", stage, self.family.names[member], _why(err))
                 self.eager_stages.append(step)
             x = want[0]                     # the next stage's input
         if not any(step.member == member for step in self.eager_stages):
@@ -117,15 +112,11 @@ class Traces:
                 start += count
             return h, probs
         try:
-            with _quiet():
-                traced = torch.jit.trace(whole, (x[:TRACE_BATCH], *flat), check_trace=False)
-            if not _same(traced(x, *flat), want):
-                raise ValueError(f"its trace at batch {TRACE_BATCH} differs from it at batch {CHECK_BATCH}")
+            traced = _checked_trace(whole, x, flat, want)
             traced(x, *flat)        # optimised at load, as the generation traces below
             self._members[member] = traced
         except Exception as err:    # its stages still run one by one
-            log.warning("member %s runs stage by stage: %s", self.family.names[member],
-                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.warning("member %s runs stage by stage: %s", self.family.names[member], _why(err))
 
     # --- generation -------------------------------------------------------------------------
     def weights(self, steps: Sequence[Step]) -> list[list[torch.Tensor]]:
@@ -156,8 +147,7 @@ class Traces:
             raise ValueError("its trace differs from it")
         except Exception as err:
             log.warning("the weights of %s are generated eagerly: %s",
-                        ", ".join(f"stage {s.stage} of {self.family.names[s.member]}" for s in steps),
-                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+                        ", ".join(f"stage {s.stage} of {self.family.names[s.member]}" for s in steps), _why(err))
             return generate
 
 
@@ -174,6 +164,21 @@ def eager_stage(family: Family, frozen: list[Member] | None, step: Step) -> Stag
             h = family.run_stage(step.member, step.stage, h, weights)
         return h, head(h).softmax(dim=-1)
     return run
+
+
+def _checked_trace(fn: Callable, x: torch.Tensor, weights: Sequence[torch.Tensor], want) -> Callable:
+    """`fn` traced at batch TRACE_BATCH of `x`, checked against `want` (`fn` eagerly on all of `x`, at
+    CHECK_BATCH): a trace that baked in its batch size or a value raises ValueError."""
+    with _quiet():
+        traced = torch.jit.trace(fn, (x[:TRACE_BATCH], *weights), check_trace=False)
+    if not _same(traced(x, *weights), want):
+        raise ValueError(f"its trace at batch {TRACE_BATCH} differs from it at batch {CHECK_BATCH}")
+    return traced
+
+
+def _why(err: Exception) -> str:
+    """The first line of an error, for the warning that a piece runs eagerly."""
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 @contextmanager
