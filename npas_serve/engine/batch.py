@@ -15,9 +15,7 @@ request that has an answer can end at any step with it, one that has none cannot
 newcomer's first member goes before other requests' later members (until those are
 overdue: a request without a budget is never starved). Every round then ends, with the
 answer it has, each request whose next member no longer fits its budget behind the work
-now ahead of it: refinements give way to first answers instead of finishing late. Nor does a
-refinement run when a request arriving now, with as little budget as the tightest request in
-flight had left, could not wait for it: the calls not yet in the engine pay for it too.
+now ahead of it: refinements give way to first answers instead of finishing late.
 
 Between steps a request can leave:
 
@@ -42,7 +40,7 @@ from typing import Protocol, Sequence
 import torch
 
 from npas_serve.engine.answer import Answers, Due
-from npas_serve.engine.planner import SAFETY, CostModel, Step, fits_with_margin
+from npas_serve.engine.planner import CostModel, Step, fits_with_margin
 from npas_serve.engine.run import Cancelled, DeadlineExceeded, RequestRun
 from npas_serve.engine.stages import StageResult, StageRunner
 
@@ -232,20 +230,20 @@ class BatchRunner:
                 result = self.stages.run(step, h)
                 self.cost.observe(step, h.shape[0], result.ms)
             steps_ms += result.ms
-            start, finished, room = 0, [], self._room_ms(flight)
+            start, finished = 0, []
             for p in group:
                 rows = slice(start, start + p.run.examples)
                 start = rows.stop
                 p.run.count(result)
                 if p.anytime:
-                    self._exit(p, stage, result.probs[rows], len(h), room)
+                    self._exit(p, stage, result.probs[rows], len(h))
                 elif stage == self.num_exits - 1:
                     p.by_member[member] = result.probs[rows]
                     finished.append(p)
             if finished:
                 ahead = self._ahead(flight)
                 for p in finished:
-                    self._members_done(p, ahead[id(p)], room)
+                    self._members_done(p, ahead[id(p)])
             self._send()
             if stage < depth:
                 group, h = self._keep(group, result.hidden,
@@ -302,25 +300,24 @@ class BatchRunner:
             return False
         return True
 
-    def _exit(self, p: _Progress, stage: int, probs: torch.Tensor, batch: int, room: float | None) -> None:
+    def _exit(self, p: _Progress, stage: int, probs: torch.Tensor, batch: int) -> None:
         run, request = p.run, p.run.request
         p.exits.append(probs)
         if stage == 0:
             run.members_run.append(self.answers.names[run.plan.members[0]])
         confident = (request.min_confidence is not None
                      and bool((probs.max(dim=-1).values >= request.min_confidence).all()))
-        next_ms = self.cost.predict(Step(run.plan.members[0], stage + 1), batch) if stage < run.plan.last_exit else 0.0
         last = (confident or stage == run.plan.last_exit
-                or not (self._fits(run, next_ms) and self._leaves_room(next_ms, room)))
+                or not self._fits(run, self.cost.predict(Step(run.plan.members[0], stage + 1), batch)))
         if last or run.intermediate:
             self._due.append(Due.of(run, p.voters(), stage, last))
 
     def _settle(self, flight: list[_Progress]) -> None:
         """End now, with the answer it has, each answered ensemble request whose next member no
         longer fits behind the work ahead of it (`flight` in urgency order)."""
-        ahead, room = self._ahead(flight), self._room_ms(flight)
+        ahead = self._ahead(flight)
         for p in flight:
-            if p.answered and not p.anytime and not p.run.done and not self._refines(p, ahead[id(p)], room):
+            if p.answered and not p.anytime and not p.run.done and not self._fits(p.run, self._ms_until_next(p, ahead[id(p)])):
                 self._due.append(Due.of(p.run, p.voters(), None, True))
         self._send()
 
@@ -337,44 +334,18 @@ class BatchRunner:
                 work[m] = (examples + p.run.examples, max(depth, p.depth(self.num_exits)))
         return out
 
-    def _members_done(self, p: _Progress, ahead: dict[int, tuple[int, int]], room: float | None) -> None:
+    def _members_done(self, p: _Progress, ahead: dict[int, tuple[int, int]]) -> None:
         """Answer every member of its plan order now available; the last one it gets is final. Its next
         member is predicted to end after the work that goes before it (`ahead`)."""
         run, plan = p.run, p.run.plan
         while p.given < len(plan.members) and plan.members[p.given] in p.by_member:
             p.given += 1
             run.members_run.append(self.answers.names[plan.members[p.given - 1]])
-            last = p.given == len(plan.members) or not self._refines(p, ahead, room)
+            last = p.given == len(plan.members) or not self._fits(run, self._ms_until_next(p, ahead))
             if last or run.intermediate:
                 self._due.append(Due.of(run, p.voters(), None, last))
             if last:
                 return
-
-    def _room_ms(self, flight: Sequence[_Progress]) -> float | None:
-        """The least budget a request in flight had left when it reached the engine (None: none has a
-        budget): what a request arriving now is likely to have, since it comes the same way."""
-        return min((p.run.budget_ms for p in flight if p.run.budget_ms is not None), default=None)
-
-    def _leaves_room(self, refinement_ms: float, room: float | None) -> bool:
-        """Whether a request arriving now with `room` left could wait for a refinement of
-        `refinement_ms` and still have its first answer within it (the planner's margin).
-
-        Why: a refinement holds the device for a member, and on a shared CPU it takes a core from the
-        server's front too, so every call on its way in or out waits for it; the planner's other
-        checks see only the requests already in the engine. On 2 cores at 90% of capacity most late
-        answers had one member and spent 12-21 ms outside the engine, while other calls'
-        refinements ran. A roomy budget (or none) keeps every refinement."""
-        if room is None:
-            return True
-        first_ms = min(self.cost.member_ms(m, 1) for m in range(self.cost.shape[0]))
-        return refinement_ms + first_ms <= room * SAFETY
-
-    def _refines(self, p: _Progress, ahead: dict[int, tuple[int, int]], room: float | None) -> bool:
-        """Whether an answered ensemble request goes on to its next member: it fits its own budget
-        behind the work ahead, and leaves a newcomer room (`_leaves_room`)."""
-        nxt = p.run.plan.members[p.given]
-        own_ms = self.cost.member_ms(nxt, ahead.get(nxt, (0, -1))[0] + p.run.examples)
-        return self._fits(p.run, self._ms_until_next(p, ahead)) and self._leaves_room(own_ms, room)
 
     def _ms_until_next(self, p: _Progress, ahead: dict[int, tuple[int, int]]) -> float:
         """Predicted ms until the next member of `p`'s plan order has run: the work ahead of it, then it

@@ -260,25 +260,6 @@ def test_a_refinement_gives_way_to_a_newcomers_first_answer(engine):
     assert events[2] == ("newcomer", True)
 
 
-def test_a_refinement_runs_only_while_the_requests_in_flight_leave_a_newcomer_room(engine):
-    """A roomy request beside a tight one ends with its first answer: its next member would hold the
-    device (and a core) longer than a newcomer with the tight one's budget could wait. Beside another
-    roomy request it gets the whole ensemble, as alone."""
-    x = np.zeros((1, 1, 40), np.float32)
-    first = engine.names[engine.planner.member_order[0]]
-
-    def beside(budget_ms: float) -> int:
-        roomy = InferenceRequest(inputs=x, budget_ms=60_000, request_id="roomy")
-        other = InferenceRequest(inputs=x, members=(first,), budget_ms=budget_ms, request_id="other")
-        boxes, _ = collect(engine, [(roomy, False), (other, False)])
-        assert [b[-1].request_id for b in boxes] == ["roomy", "other"]
-        return len(boxes[0][-1].members_used)
-
-    assert len(engine.answer(InferenceRequest(inputs=x, budget_ms=60_000)).members_used) == len(engine.names)
-    assert beside(0.01) == 1
-    assert beside(60_000) == len(engine.names)
-
-
 def test_a_torchserve_batch_is_planned_to_the_tightest_budget_of_its_requests(engine):
     """TorchServe returns a batch's answers at once: a roomy request planned to its own budget would
     hold a tight neighbour's answer past its budget, so it runs what the tight one can afford."""
