@@ -153,6 +153,8 @@ def serve(engine: Engine | EngineProcess, host: str = "127.0.0.1", grpc_port: in
 async def _serve(engine: Engine | EngineProcess, host: str, grpc_port: int, metrics_port: int | None,
                  model_name: str, model_version: str, grace_s: float, http_port: int | None) -> None:
     server = metrics = None
+    if isinstance(engine, EngineProcess):
+        engine.read_on(asyncio.get_running_loop())     # the answers come to the loop their calls wait on
     try:
         server, port, health_servicer = create_server(engine, host, grpc_port, model_name, model_version)
         if metrics_port is not None:

@@ -320,16 +320,17 @@ def test_device_time_counts_the_rounds_and_shows_a_thread_that_holds_the_gil(eng
     assert busy > 0 and 0 < cpu <= busy + 0.01      # thread_time ticks are coarser than perf_counter's
     assert engine.take_device_time() == (0.0, 0.0)  # taken: counted once
 
-    stop = threading.Event()
+    stop, spins = threading.Event(), [0]
 
     def spin() -> None:
         while not stop.is_set():
-            pass
+            spins[0] += 1
 
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
     try:
-        busy, cpu = serve(2)
+        assert wait_until(lambda: spins[0] > 1000, timeout_s=10, interval_s=0.001)   # spinning, on a core
+        busy, cpu = serve(5)
     finally:
         stop.set()
         spinner.join(10)

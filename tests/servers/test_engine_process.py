@@ -99,6 +99,55 @@ def test_a_child_that_dies_ends_every_waiting_request(served_checkpoint):
         engine.close()
 
 
+def test_answers_read_on_an_event_loop_reach_calls_from_any_thread_and_end_when_the_child_dies(served_checkpoint):
+    """`read_on(loop)`, as the embedded server does: no reading thread; each answer is handed out on the
+    loop's thread, to a call submitted on the loop and to one from another thread (the v2 REST
+    server's) alike; a child that dies ends the requests still waiting."""
+    import asyncio
+    import threading
+
+    x = np.zeros((1, 1, 40), np.float32)
+    # a batch waits 2 s to fill: the request submitted just before the kill is still waiting then
+    engine = EngineProcess(served_checkpoint, EngineConfig(warmup_batch_sizes=(1,), batch_delay_ms=2_000,
+                                                           batch_examples=64), metrics_port=0)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        engine.read_on(loop)
+        with pytest.raises(RuntimeError):
+            engine.read_on(loop)
+        threads: list[int] = []
+        done = asyncio.Event()
+
+        def deliver(item) -> None:
+            threads.append(threading.get_ident())
+            done.set()
+
+        engine.submit([InferenceRequest(inputs=x)], [deliver])
+        await asyncio.wait_for(done.wait(), 30)
+        other = await asyncio.to_thread(engine.answer, InferenceRequest(inputs=x, ensemble_size=1))
+        assert other.final and len(other.members_used) == 1
+        assert threads == [threading.get_ident()] and engine._reader is None
+
+        ended: asyncio.Future = loop.create_future()
+        engine.submit([InferenceRequest(inputs=x, ensemble_size=1)], [lambda item: ended.set_result(item)])
+        os.kill(engine._process.pid, signal.SIGKILL)
+        assert isinstance(await asyncio.wait_for(ended, 10), EngineProcessError)
+        await asyncio.wait_for(_until(lambda: not engine.ready()), 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()
+
+
+async def _until(condition) -> None:
+    import asyncio
+
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
 def test_a_checkpoint_that_cannot_load_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="cannot load"):
         EngineProcess(tmp_path / "missing", CONFIG, metrics_port=0)
