@@ -22,6 +22,7 @@ import functools
 import itertools
 import logging
 import multiprocessing
+import select
 import signal
 import threading
 from pathlib import Path
@@ -128,7 +129,9 @@ class EngineProcess:
             if self._reader is not None or self._loop is not None:
                 raise RuntimeError("the answers are already read elsewhere")
             self._loop = loop
-            loop.add_reader(self._conn.fileno(), self._read_one)
+            self._more = select.poll()          # whether another answer is already in the pipe
+            self._more.register(self._conn.fileno(), select.POLLIN)
+            loop.add_reader(self._conn.fileno(), self._read_waiting)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Finish the queued work in the engine's process, then stop it (again: nothing)."""
@@ -179,15 +182,17 @@ class EngineProcess:
         finally:
             self._stopped()
 
-    def _read_one(self) -> None:
-        """On the loop, when the pipe is readable: one answer (the loop calls again while more wait)."""
+    def _read_waiting(self) -> None:
+        """On the loop, when the pipe is readable: every answer already in it (a step of the device
+        thread ends many requests at once; one loop pass each would cost a poll of every socket each)."""
         try:
-            message = self._conn.recv()
+            while True:
+                self._hand(*self._conn.recv())
+                if not self._more.poll(0):
+                    return
         except (EOFError, OSError):
             self._stop_reading_on_loop()
             self._stopped()
-            return
-        self._hand(*message)
 
     def _stop_reading_on_loop(self) -> None:
         try:
