@@ -82,6 +82,7 @@ class EngineProcess:
         self._reader: threading.Thread | None = None        # answers read on a thread of their own,
         self._loop: asyncio.AbstractEventLoop | None = None  # or on an event loop (`read_on`)
         self._reading = threading.Lock()
+        self._more = select.poll()          # on the loop: whether another answer is already in the pipe
         # before multiprocessing's own exit hook, which would wait for a child that ignores SIGTERM
         atexit.register(self.close)
 
@@ -122,14 +123,13 @@ class EngineProcess:
         Why: a reading thread has to take the GIL from the loop for every answer, and the loop then
         takes it back, and has each answer handed to it through its self-pipe: under load that thread
         used 0.11 of a core at 892 requests/s beside the loop's 0.51, and an answer waited for the GIL
-        while the loop ran other calls. On the loop, an answer is read when the pipe is readable and
-        handed to its call at once. (A message is read whole: one the engine's process is still
+        while the loop ran other calls. On the loop, the answers in the pipe are read when it is
+        readable and each handed to its call at once. (A message is read whole: one the engine's process is still
         writing holds the loop until its last byte, which the pipe has a moment later.)"""
         with self._reading:
             if self._reader is not None or self._loop is not None:
                 raise RuntimeError("the answers are already read elsewhere")
             self._loop = loop
-            self._more = select.poll()          # whether another answer is already in the pipe
             self._more.register(self._conn.fileno(), select.POLLIN)
             loop.add_reader(self._conn.fileno(), self._read_waiting)
 

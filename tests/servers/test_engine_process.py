@@ -1,9 +1,11 @@
 """The engine in a child process answers as the engine does in-process, and nothing waits on it forever."""
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
+import threading
 import urllib.request
 
 import numpy as np
@@ -103,9 +105,6 @@ def test_answers_read_on_an_event_loop_reach_calls_from_any_thread_and_end_when_
     """`read_on(loop)`, as the embedded server does: no reading thread; each answer is handed out on the
     loop's thread, to a call submitted on the loop and to one from another thread (the v2 REST
     server's) alike; a child that dies ends the requests still waiting."""
-    import asyncio
-    import threading
-
     x = np.zeros((1, 1, 40), np.float32)
     # a batch waits 2 s to fill: the request submitted just before the kill is still waiting then
     engine = EngineProcess(served_checkpoint, EngineConfig(warmup_batch_sizes=(1,), batch_delay_ms=2_000,
@@ -142,8 +141,6 @@ def test_answers_read_on_an_event_loop_reach_calls_from_any_thread_and_end_when_
 
 
 async def _until(condition) -> None:
-    import asyncio
-
     while not condition():
         await asyncio.sleep(0.01)
 
