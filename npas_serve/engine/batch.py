@@ -32,10 +32,11 @@ anytime answer after each exit. Every request has ended when `run` returns.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, ContextManager, Protocol, Sequence
 
 import torch
 
@@ -139,6 +140,7 @@ class BatchRunner:
         self.queue: Queue = queue or _NoQueue()     # the scheduler, once it exists
         self._due: list[Due] = []                   # answers of the current step, built together by `_send`
         self.time = DeviceTime()
+        self.together: Callable[[], ContextManager] = contextlib.nullcontext   # around a step's deliveries
 
     # --- prediction -------------------------------------------------------------------------
     def predict_ms(self, runs: Sequence[RequestRun]) -> float:
@@ -360,8 +362,9 @@ class BatchRunner:
         """Build the step's answers together (one `combine` per kind) and give them, in order."""
         due, self._due = self._due, []
         if due:
-            for d, answer in zip(due, self.answers.respond_many(due)):
-                d.run.give(answer)
+            with self.together():
+                for d, answer in zip(due, self.answers.respond_many(due)):
+                    d.run.give(answer)
 
     @staticmethod
     def _fits(run: RequestRun, predicted_ms: float) -> bool:

@@ -18,7 +18,7 @@ import queue
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, ContextManager, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -152,6 +152,12 @@ class Engine:
     # --- public surface ---------------------------------------------------------------------
     def add_observer(self, observer: Callable[[Observation], None]) -> None:
         self._observers.append(observer)
+
+    def deliver_together(self, group: Callable[[], ContextManager]) -> None:
+        """Give the answers of each step inside `group()`, on the device thread: a step ends many
+        requests at once, and a delivery that writes elsewhere (the engine's process, to the
+        server's) can keep them until the group ends and write them once."""
+        self._batches.together = group
 
     def parse(self, fields: Mapping[str, bytes | str]) -> InferenceRequest:
         """Validate a request map; a bad one is counted (status "invalid") and raises RequestError."""

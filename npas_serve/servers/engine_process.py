@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import itertools
 import logging
@@ -176,7 +177,7 @@ class EngineProcess:
         """The reading thread: every answer until the engine's process ends."""
         try:
             while True:
-                self._hand(*self._conn.recv())
+                self._hand_all(self._conn.recv())
         except (EOFError, OSError):
             pass
         finally:
@@ -187,7 +188,7 @@ class EngineProcess:
         thread ends many requests at once; one loop pass each would cost a poll of every socket each)."""
         try:
             while True:
-                self._hand(*self._conn.recv())
+                self._hand_all(self._conn.recv())
                 if not self._more.poll(0):
                     return
         except (EOFError, OSError):
@@ -199,6 +200,11 @@ class EngineProcess:
             self._loop.remove_reader(self._conn.fileno())
         except (RuntimeError, ValueError, OSError):     # the loop has closed: nothing to remove
             pass
+
+    def _hand_all(self, message) -> None:
+        """A message from the engine's process: one (request, answer) pair, or a list of a step's."""
+        for rid, item in message if isinstance(message, list) else [message]:
+            self._hand(rid, item)
 
     def _hand(self, rid: int, item) -> None:
         """An answer (or the error that ends a request) to its delivery."""
@@ -244,12 +250,35 @@ def _child(conn, checkpoint: str, config: EngineConfig, metrics_host: str, metri
     conn.send(("ready", engine.limits, engine.manifest, metrics.server_port))
     lock = threading.Lock()         # the device thread and this one both send
     runs = {}
+    step, kept = threading.local(), []      # a step's answers, kept to be written together
 
     def deliver(rid: int, item) -> None:
         if isinstance(item, BaseException) or item.final:
             runs.pop(rid, None)
+        if getattr(step, "open", False):
+            kept.append((rid, item))
+            return
         with lock:
             conn.send((rid, item))
+
+    @contextlib.contextmanager
+    def together():
+        """A step's answers in one write: one system call here and one wake-up there, not one each."""
+        step.open = True
+        try:
+            yield
+        finally:
+            step.open = False
+            if kept:
+                items = kept[:]
+                kept.clear()
+                try:
+                    with lock:
+                        conn.send(items)
+                except (OSError, EOFError, ValueError):     # the server went away: nobody waits for them
+                    log.warning("the server's end of the pipe is gone; %d answers dropped", len(items))
+
+    engine.deliver_together(together)
 
     try:
         while True:

@@ -335,3 +335,28 @@ def test_device_time_counts_the_rounds_and_shows_a_thread_that_holds_the_gil(eng
         stop.set()
         spinner.join(10)
     assert cpu < 0.5 * busy, (busy, cpu)
+
+
+def test_a_steps_answers_are_delivered_inside_one_group(served_checkpoint):
+    """`deliver_together`: the answers a step ends are given inside one `group()`, so a transport can
+    write them at once; requests run in one batch get their answers in one group."""
+    import contextlib
+
+    engine = Engine.load(served_checkpoint, EngineConfig(warmup_batch_sizes=(1,)))
+    try:
+        log: list = []
+
+        @contextlib.contextmanager
+        def group():
+            log.append("open")
+            yield
+            log.append("close")
+
+        engine.deliver_together(group)
+        x = np.zeros((1, 1, 40), np.float32)
+        runs = engine.submit([InferenceRequest(inputs=x, ensemble_size=1, request_id=f"r{i}") for i in range(3)],
+                             [lambda item: log.append(item.request_id) for _ in range(3)])
+        assert wait_until(lambda: all(r.done for r in runs), timeout_s=30)
+        assert log == ["open", "r0", "r1", "r2", "close"]
+    finally:
+        engine.close()
