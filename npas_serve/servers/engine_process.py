@@ -101,8 +101,7 @@ class EngineProcess:
         """`Engine.submit` in the engine's process; each answer (or the error that ends the request)
         reaches its delivery on the loop given to `read_on`, or else on a reading thread of this process."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
-        if self._reader is None and self._loop is None:
-            self._read_on_a_thread()
+        self._read_on_a_thread()
         rids = [next(self._ids) for _ in requests]
         self._pending.update(zip(rids, deliveries, strict=True))
         if not self._send(("submit", list(zip(rids, requests, flags, strict=True)), together)):
@@ -125,8 +124,8 @@ class EngineProcess:
         takes it back, and has each answer handed to it through its self-pipe: under load that thread
         used 0.11 of a core at 892 requests/s beside the loop's 0.51, and an answer waited for the GIL
         while the loop ran other calls. On the loop, the answers in the pipe are read when it is
-        readable and each handed to its call at once. (A message is read whole: one the engine's process is still
-        writing holds the loop until its last byte, which the pipe has a moment later.)"""
+        readable and each handed to its call at once. (A message is read whole: one the engine's
+        process is still writing holds the loop until its last byte, which the pipe has a moment later.)"""
         with self._reading:
             if self._reader is not None or self._loop is not None:
                 raise RuntimeError("the answers are already read elsewhere")
@@ -168,6 +167,10 @@ class EngineProcess:
             _deliver(deliver, item)
 
     def _read_on_a_thread(self) -> None:
+        """Start the reading thread, unless the answers are read already (checked first without the
+        lock: every request comes by here)."""
+        if self._reader is not None or self._loop is not None:
+            return
         with self._reading:
             if self._reader is None and self._loop is None:
                 self._reader = threading.Thread(target=self._read, name="npas-engine-answers", daemon=True)

@@ -1,6 +1,7 @@
 """Requests run together: each member once per batch, each request its own answers, leaving when it is done."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -337,12 +338,9 @@ def test_device_time_counts_the_rounds_and_shows_a_thread_that_holds_the_gil(eng
     assert cpu < 0.5 * busy, (busy, cpu)
 
 
-def test_a_steps_answers_are_delivered_inside_one_group(served_checkpoint):
+def test_a_steps_answers_are_delivered_inside_one_group(engine):
     """`deliver_together`: the answers a step ends are given inside one `group()`, so a transport can
     write them at once; requests run in one batch get their answers in one group."""
-    import contextlib
-
-    engine = Engine.load(served_checkpoint, EngineConfig(warmup_batch_sizes=(1,)))
     try:
         log: list = []
 
@@ -359,4 +357,4 @@ def test_a_steps_answers_are_delivered_inside_one_group(served_checkpoint):
         assert wait_until(lambda: all(r.done for r in runs), timeout_s=30)
         assert log == ["open", "r0", "r1", "r2", "close"]
     finally:
-        engine.close()
+        engine.deliver_together(contextlib.nullcontext)      # the module's engine, as the other tests have it

@@ -132,17 +132,12 @@ def test_answers_read_on_an_event_loop_reach_calls_from_any_thread_and_end_when_
         engine.submit([InferenceRequest(inputs=x, ensemble_size=1)], [lambda item: ended.set_result(item)])
         os.kill(engine._process.pid, signal.SIGKILL)
         assert isinstance(await asyncio.wait_for(ended, 10), EngineProcessError)
-        await asyncio.wait_for(_until(lambda: not engine.ready()), 10)
+        assert not engine.ready()          # marked before the waiting requests were ended
 
     try:
         asyncio.run(main())
     finally:
         engine.close()
-
-
-async def _until(condition) -> None:
-    while not condition():
-        await asyncio.sleep(0.01)
 
 
 def test_a_checkpoint_that_cannot_load_is_a_user_error(tmp_path):
