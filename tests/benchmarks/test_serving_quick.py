@@ -110,6 +110,8 @@ def test_servers_answered_and_figures_add_up(quick):
             assert warm_up["windows_req_s"] and min(warm_up["windows_req_s"]) > 0 and warm_up["calls"] > 0
         assert [r["clients"] for r in sec["batch1"]] == res["config"]["clients_batch1"] == [1, 4, 16, 64]
         assert [r["clients"] for r in sec["batch32"]] == res["config"]["clients_batch32"] == [1, 4]
+        for r in sec["batch1"] + sec["batch32"] + sec["paced"]:    # the machine's CPU lent to others, per load
+            assert r["cpu_stolen"] is None or 0 <= r["cpu_stolen"] <= 1
         for r in sec["batch1"] + sec["batch32"]:
             assert r["requests"] > 0 and r["errors"] == sum(r["error_codes"].values())
             assert math.isclose(r["examples_per_s"], r["requests_per_s"] * r["batch"])
