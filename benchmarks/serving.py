@@ -490,13 +490,16 @@ def must_show(res: dict) -> list[dict]:
                 f"{CEILING_BEFORE:,.0f} before; {by[16]['requests_per_s'] / TORCHSERVE_BEFORE_REQ_S:.2f}x in raw req/s")
         add(f"{kind} p99 at 16 clients / Little's-law mean", by[16].get("p99_over_little"),
             LIMITS["p99_over_little"], False)
+        # the rates follow the capacity: a closed loop slowed by neighbours sets lower ones
+        capacity_stolen = max(sec["batch1"], key=lambda r: r["requests_per_s"]).get("cpu_stolen")
         for p in (p for p in sec["paced"] if p["budget"] == "user"):
             pct = int(round(p["share_of_capacity"] * 100))
             if pct in (50, 90):
                 stolen = p.get("cpu_stolen")
                 add(f"{kind} within budget at the client, {pct}% of capacity", p["client_hit_rate"],
                     LIMITS[f"budget_{pct}"], True, f"budget {p['budget_ms']:.1f} ms"
-                    + ("" if stolen is None else f"; CPU stolen {stolen:.0%}"))
+                    + ("" if stolen is None or capacity_stolen is None else f"; CPU stolen {stolen:.0%}, "
+                                                 f"{capacity_stolen:.0%} in the closed loop that set the capacity"))
             else:
                 add(f"{kind} at {pct}% of capacity: calls neither answered nor refused clearly",
                     float(p["lost"] + p["other_errors"]), 0.0, False, "refused: DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED")
