@@ -392,7 +392,9 @@ def closed_section(start, input_shape, members: int, seconds: float, warm_s: tup
         out["batch1"] = [closed_loop(*measured(load, target, token, x1, c, seconds, **full), 1, c) for c in CLIENTS_B1]
         out["batch32"] = [closed_loop(*measured(load, target, token, x32, c, seconds, **full), 32, c)
                           for c in CLIENTS_B32]
-    out["capacity_req_s"] = max(r["requests_per_s"] for r in out["batch1"])
+    best = max(out["batch1"], key=lambda r: r["requests_per_s"])
+    # the paced rates follow the capacity: a closed loop slowed by neighbours sets lower ones
+    out["capacity_req_s"], out["capacity_cpu_stolen"] = best["requests_per_s"], best["cpu_stolen"]
     out["p50_1_client_ms"] = out["batch1"][0]["client_latency"]["median_ms"]
     return out
 
@@ -490,8 +492,7 @@ def must_show(res: dict) -> list[dict]:
                 f"{CEILING_BEFORE:,.0f} before; {by[16]['requests_per_s'] / TORCHSERVE_BEFORE_REQ_S:.2f}x in raw req/s")
         add(f"{kind} p99 at 16 clients / Little's-law mean", by[16].get("p99_over_little"),
             LIMITS["p99_over_little"], False)
-        # the rates follow the capacity: a closed loop slowed by neighbours sets lower ones
-        capacity_stolen = max(sec["batch1"], key=lambda r: r["requests_per_s"]).get("cpu_stolen")
+        capacity_stolen = sec.get("capacity_cpu_stolen")
         for p in (p for p in sec["paced"] if p["budget"] == "user"):
             pct = int(round(p["share_of_capacity"] * 100))
             if pct in (50, 90):

@@ -118,6 +118,8 @@ def test_servers_answered_and_figures_add_up(quick):
             positive_summary(r["client_latency"], r["requests"])
             assert math.isclose(r["little_mean_ms"], r["clients"] / r["requests_per_s"] * 1000)
         assert sec["capacity_req_s"] == max(r["requests_per_s"] for r in sec["batch1"])
+        assert sec["capacity_cpu_stolen"] == next(r["cpu_stolen"] for r in sec["batch1"]
+                                                  if r["requests_per_s"] == sec["capacity_req_s"])
         assert sec["p50_1_client_ms"] == sec["batch1"][0]["client_latency"]["median_ms"]
         assert math.isclose(sec["own_budget_ms"], BUDGET_FACTOR * sec["p50_1_client_ms"])
         user = [p for p in sec["paced"] if p["budget"] == "user"]
