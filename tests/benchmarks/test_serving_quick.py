@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from npas_serve.engine import Engine, EngineConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = "# figures\n\n<!-- figures:start (benchmarks/serving.py --update-doc) -->\nold\n<!-- figures:end -->\n\nkept\n"
-QUICK_REPS, QUICK_SECONDS, BUDGET_FACTOR = 6, 0.5, 3.0      # the benchmark's --quick counts and default factor
+QUICK_REPS, QUICK_SECONDS, QUICK_ROUNDS, BUDGET_FACTOR = 6, 0.5, 2, 3.0   # --quick counts, the default factor
 ARMS = ("on_the_fly", "prebuilt", "engine_frozen")
 
 
@@ -48,7 +49,8 @@ def test_machine_and_config_describe_this_run(quick, served_checkpoint):
     assert m["nproc"] == os.cpu_count() and m["torch"] == torch.__version__ and m["device"] == "cpu"
     assert m["torch_threads"] == EngineConfig().threads      # the engine's default, not a benchmark flag
     assert all(len(m[k]) == 3 and min(m[k]) >= 0 for k in ("loadavg_start", "loadavg_end"))
-    assert (res["config"]["reps"], res["config"]["seconds"]) == (QUICK_REPS, QUICK_SECONDS)
+    assert (res["config"]["reps"], res["config"]["seconds"], res["config"]["rounds"]) == \
+           (QUICK_REPS, QUICK_SECONDS, QUICK_ROUNDS)
     assert res["elapsed_s"] > res["engine_load_s"] > 0
 
 
@@ -113,6 +115,9 @@ def test_servers_answered_and_figures_add_up(quick):
         for r in sec["batch1"] + sec["batch32"] + sec["paced"]:    # the machine's CPU lent to others, per load
             assert r["cpu_stolen"] is None or 0 <= r["cpu_stolen"] <= 1
         for r in sec["batch1"] + sec["batch32"]:
+            # each row is its median round (the lower of two), every round's figures beside it
+            assert len(r["rounds_req_s"]) == len(r["rounds_cpu_stolen"]) == QUICK_ROUNDS
+            assert r["requests_per_s"] == min(r["rounds_req_s"]) and r["cpu_stolen"] in r["rounds_cpu_stolen"]
             assert r["requests"] > 0 and r["errors"] == sum(r["error_codes"].values())
             assert math.isclose(r["examples_per_s"], r["requests_per_s"] * r["batch"])
             positive_summary(r["client_latency"], r["requests"])
@@ -122,10 +127,13 @@ def test_servers_answered_and_figures_add_up(quick):
                                                   if r["requests_per_s"] == sec["capacity_req_s"])
         assert sec["p50_1_client_ms"] == sec["batch1"][0]["client_latency"]["median_ms"]
         assert math.isclose(sec["own_budget_ms"], BUDGET_FACTOR * sec["p50_1_client_ms"])
-        user = [p for p in sec["paced"] if p["budget"] == "user"]
-        assert [p["share_of_capacity"] for p in user] == res["config"]["paced_shares"]
-        own = [p for p in sec["paced"] if p["budget"] == "own"]       # a faster server's own, tighter budget
-        assert [p["share_of_capacity"] for p in own] == ([0.5, 0.9] if sec["own_budget_ms"] < 0.9 * sec["budget_ms"] else [])
+        # the shares below capacity in every round, the overload once
+        user = [(p["round"], p["share_of_capacity"]) for p in sec["paced"] if p["budget"] == "user"]
+        assert res["config"]["paced_shares"] == [0.5, 0.9, 1.5]
+        assert user == [(i, s) for i in range(QUICK_ROUNDS) for s in (0.5, 0.9)] + [(0, 1.5)]
+        own = [(p["round"], p["share_of_capacity"]) for p in sec["paced"] if p["budget"] == "own"]
+        tighter = sec["own_budget_ms"] < 0.9 * sec["budget_ms"]       # a faster server's own budget
+        assert own == ([(i, s) for i in range(QUICK_ROUNDS) for s in (0.5, 0.9)] if tighter else [])
         for p in sec["paced"]:
             assert p["budget_ms"] == (sec["budget_ms"] if p["budget"] == "user" else sec["own_budget_ms"])
             assert math.isclose(p["rate_per_s"], p["share_of_capacity"] * sec["capacity_req_s"])
@@ -140,6 +148,14 @@ def test_must_show_flags_follow_their_own_figures(quick):
     assert "in-process ensemble b1: on the fly / pre-built" in names
     assert "in-process ensemble b32: on the fly / pre-built" in names
     assert any(n.startswith("embedded b1 16 clients") for n in names)
+    for kind, sec in res["servers"].items():       # a paced share's row: the median of its rounds
+        for pct in (50, 90):
+            row = next((r for r in res["must_show"] if r["name"] == f"{kind} within budget at the client, "
+                                                                   f"{pct}% of capacity"), None)
+            rates = [p["client_hit_rate"] for p in sec.get("paced", [])
+                     if p["budget"] == "user" and round(p["share_of_capacity"] * 100) == pct]
+            assert (row is None) == ("skipped" in sec)
+            assert row is None or (len(rates) == QUICK_ROUNDS and math.isclose(row["value"], statistics.median(rates)))
     for row in res["must_show"]:
         if row["value"] is not None:
             assert row["met"] == (row["value"] >= row["limit"] if row["at_least"] else row["value"] <= row["limit"])
