@@ -25,7 +25,7 @@ Sections, all written to one JSON file (and a plot next to it, same name, .png):
    for both servers (the user's: `--budget-factor` x the slower server's 1-client p50); the faster
    server also runs 50% and 90% under its own, tighter one, reported beside it. Every load but the
    overload runs `--rounds` times, the rounds interleaved; a closed loop is reported by its median
-   round, a paced share by its rounds' median share within budget (`rounds`).
+   round, a paced share by its rounds' median share within budget.
 5. `must_show`: the ratios issue 10 asks for, each with its limit and whether it was met.
 
 `--update-doc docs/serving.md` rewrites the figures block of that page from the JSON just written,
@@ -351,8 +351,8 @@ def closed_loop(run: Run, stolen: float | None, batch: int, clients: int) -> dic
 def median_round(rounds: list[dict]) -> dict:
     """Of one closed loop's rounds, the one with the median requests/s (the lower of an even count),
     with every round's requests/s and CPU stolen beside it. One 8 s load on a shared machine moves
-    with its neighbours: on 12-03 the same server's 64-client loop made 704 requests/s with 7% of the
-    CPU stolen and 878 with none, and the paced rates follow it."""
+    with its neighbours: in one run of 12-03 the three rounds of a 64-client loop made 848, 540 and
+    628 requests/s with 0%, 24% and 11% of the CPU stolen."""
     ranked = sorted(rounds, key=lambda r: r["requests_per_s"])
     return {**ranked[(len(ranked) - 1) // 2], "rounds_req_s": [r["requests_per_s"] for r in rounds],
             "rounds_cpu_stolen": [r["cpu_stolen"] for r in rounds]}
@@ -414,9 +414,9 @@ def closed_section(start, input_shape, members: int, seconds: float, rounds: int
                 for _ in range(rounds)]
     rows = [median_round([r[i] for r in runs]) for i in range(len(cells))]
     out["batch1"], out["batch32"] = rows[:len(CLIENTS_B1)], rows[len(CLIENTS_B1):]
-    # the capacity is the best batch-1 round, not a median: neighbours only ever slow a load down, and
-    # the paced rates follow the capacity (on 12-03 a 64-client loop with 24% of the CPU stolen made
-    # 540 requests/s, one with none 848; a median of the two slowed ones would have set easy rates)
+    # the capacity is the best batch-1 round, not the median: neighbours only ever slow a load down,
+    # and the paced rates follow the capacity (the median of the rounds in `median_round`'s example,
+    # 628 requests/s, set rates a quarter below what the server answered on a quiet machine)
     best = max((r for rounds in runs for r in rounds[:len(CLIENTS_B1)]), key=lambda r: r["requests_per_s"])
     out["capacity_req_s"], out["capacity_cpu_stolen"] = best["requests_per_s"], best["cpu_stolen"]
     out["capacity_clients"] = best["clients"]
@@ -444,7 +444,7 @@ def paced_section(start, input_shape, members: int, seconds: float, rounds: int,
             run, stolen = measured(load, target, token, x1, 64, seconds, rate_per_s=rate, budget_ms=budget_ms)
             busy, cpu = (a - b for a, b in zip(device_seconds(launched.metrics_url), before))
             out.append({"budget": name, "round": i, **paced(run, sent, budget_ms, share, rate), "cpu_stolen": stolen,
-                        # the device thread: its share of the load's time in rounds, and its CPU time in them
+                        # the device thread: its share of the load's time at work, and its CPU time then
                         "device_busy_share": busy / run.wall_s, "device_cpu_of_busy": cpu / busy if busy else None})
     return warm_up, out
 
