@@ -335,6 +335,19 @@ def warm(launched, x: np.ndarray, window_s: float, max_s: float, **knobs) -> dic
             "seconds": time.monotonic() - t0}
 
 
+def expired_load(launched, x: np.ndarray, clients: int, seconds: float, **knobs) -> dict:
+    """A closed loop of calls whose deadline passed a minute before they were sent: what refusing a
+    call nobody waits for costs the server (its processes' CPU a call). An overloaded server spends
+    its time on such calls: they wait in its queue past their deadline, then must still be refused."""
+    before = launch.process_cpu_s(launched.pid) if os.path.isdir("/proc/self/task") else None
+    run = load(launched.target, launched.token, x, clients, seconds, deadline_unix_ms=time.time() * 1000 - 60_000,
+               **knobs)
+    calls = len(run.results)
+    cpu_ms = None if before is None or not calls else (launch.process_cpu_s(launched.pid) - before) * 1000 / calls
+    return {"clients": clients, "calls": calls, "answered": len(run.answered), "error_codes": _codes(run),
+            "requests_per_s": calls / run.wall_s, "server_cpu_ms_per_call": cpu_ms}
+
+
 def closed_loop(run: Run, stolen: float | None, batch: int, clients: int) -> dict:
     ok = len(run.answered)
     ms = [r.latency_ms for r in run.answered]
@@ -412,6 +425,7 @@ def closed_section(start, input_shape, members: int, seconds: float, rounds: int
         out = {"start_s": time.perf_counter() - t0, "warm_up": warm(launched, x1, *warm_s, **full)}
         runs = [[closed_loop(*measured(load, target, token, x, c, seconds, **full), batch, c) for x, batch, c in cells]
                 for _ in range(rounds)]
+        out["expired"] = expired_load(launched, x1, 16, seconds, **full)
     rows = [median_round([r[i] for r in runs]) for i in range(len(cells))]
     out["batch1"], out["batch32"] = rows[:len(CLIENTS_B1)], rows[len(CLIENTS_B1):]
     # the capacity is the best batch-1 round, not the median: neighbours only ever slow a load down,
@@ -635,6 +649,15 @@ def render(res: dict) -> str:
                        f"{r.get('little_mean_ms', float('nan')):.2f} | {r['errors']} | {_share(r.get('cpu_stolen'))} | "
                        + ", ".join(f"{v:.0f}" for v in r["rounds_req_s"]) + " | "
                        + ", ".join(_share(v) for v in r["rounds_cpu_stolen"]) + " |")
+    out += ["", "**Servers, calls past their deadline** (batch 1, 16 clients, closed loop, each call's "
+            "`deadline_unix_ms` a minute before it was sent: what refusing a call nobody waits for costs)", "",
+            "| server | calls | refused per s | answered | error codes | server CPU ms a call |", "|---|---|---|---|---|---|"]
+    for kind, sec in res["servers"].items():
+        if "expired" in sec:
+            e = sec["expired"]
+            cpu = "n/a" if e["server_cpu_ms_per_call"] is None else f"{e['server_cpu_ms_per_call']:.3f}"
+            out.append(f"| {kind} | {e['calls']} | {e['requests_per_s']:.0f} | {e['answered']} | "
+                       f"{', '.join(f'{k} {v}' for k, v in e['error_codes'].items())} | {cpu} |")
     out += ["", "**Servers, paced batch-1 load with a budget** (latency_budget_ms sent with the matching "
             f"deadline_unix_ms; `user`: one budget for both servers, {res['config']['budget_factor']:g} x the "
             f"slower server's 1-client p50; `own`: {res['config']['budget_factor']:g} x the server's own 1-client "

@@ -171,6 +171,11 @@ class Engine:
         """A request refused as invalid (here, or by a server that parsed it elsewhere): status "invalid"."""
         self._notify(Observation("unknown", "invalid", 0.0, [], None, False, 0.0))
 
+    def count_expired(self, mode: str) -> None:
+        """A request refused because its deadline had passed when it came, by a server that checked
+        before handing it over (`EngineProcess`): status "deadline", as when refused here."""
+        self._notify(Observation(mode, "deadline", 0.0, [], None, False, 0.0))
+
     def submit(self, requests: Sequence[InferenceRequest], deliveries: Sequence[Delivery],
                intermediate: bool | Sequence[bool] = False, together: bool = False) -> list[RequestRun]:
         """The batched entry: plan each request and queue them together; answers (and the error that
@@ -191,8 +196,7 @@ class Engine:
         admitted = []
         for run in runs:
             if run.deadline_passed():        # the client has gone: no work for an answer nobody waits for
-                run.fail(DeadlineExceeded("deadline_unix_ms: the deadline passed before the request was run; "
-                                          "nothing was computed"), "deadline")
+                run.fail(DeadlineExceeded.on_arrival(), "deadline")
                 continue
             run.inputs = self._inputs(run.request)
             idle = ahead == 0                # nothing queued or running: it would run at once

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 class DeadlineExceeded(Exception):
     """The request's deadline passed before it had any answer: servers say DEADLINE_EXCEEDED / 504."""
 
+    @classmethod
+    def on_arrival(cls) -> "DeadlineExceeded":
+        """Its deadline had passed when it came (`expired`): nothing was computed."""
+        return cls("deadline_unix_ms: the deadline passed before the request was run; nothing was computed")
+
 
 class ResourceExhausted(Exception):
     """Refused at admission, nothing computed: the queue is full, or the request's deadline is predicted
@@ -93,6 +98,12 @@ class WaysIn:
         if self._next % self.EVERY == 0 or self._next < self.EVERY:
             ways = sorted(self._ms)
             self.reserve_ms = ways[min(len(ways) - 1, int(self.QUANTILE * len(ways)))]
+
+
+def expired(request: InferenceRequest, now_unix_ms: float) -> bool:
+    """Its absolute deadline has passed: the client has gone and nobody waits for an answer, so no
+    work is done for it. Only an absolute deadline is hard; a bare budget is a target."""
+    return request.deadline_unix_ms is not None and now_unix_ms >= request.deadline_unix_ms
 
 
 def effective_budget_ms(budget_ms: float | None, deadline_unix_ms: float | None,

@@ -26,12 +26,13 @@ import multiprocessing
 import select
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from npas_serve.engine import Engine, EngineConfig
 from npas_serve.engine.engine import final_answer
-from npas_serve.engine.run import Delivery
+from npas_serve.engine.run import DeadlineExceeded, Delivery, expired
 from npas_serve.errors import UserError
 from npas_serve.protocol import InferenceRequest, InferenceResponse, RequestError, parse_request
 from npas_serve.servers.heap import freeze_loaded
@@ -99,14 +100,27 @@ class EngineProcess:
     def submit(self, requests: Sequence[InferenceRequest], deliveries: Sequence[Delivery],
                intermediate: bool | Sequence[bool] = False, together: bool = False) -> list[_Call]:
         """`Engine.submit` in the engine's process; each answer (or the error that ends the request)
-        reaches its delivery on the loop given to `read_on`, or else on a reading thread of this process."""
+        reaches its delivery on the loop given to `read_on`, or else on a reading thread of this process.
+
+        A request whose deadline has already passed ends here, at once, with the DeadlineExceeded
+        the engine would give it, and is counted in its metrics, but never crosses the pipe: when the
+        server falls behind, most of the calls it refuses come after their deadline, and each would
+        cost both processes a request and an answer on the pipe."""
         flags = [intermediate] * len(requests) if isinstance(intermediate, bool) else list(intermediate)
         self._read_on_a_thread()
+        now_unix_ms = time.time() * 1000
         rids = [next(self._ids) for _ in requests]
         self._pending.update(zip(rids, deliveries, strict=True))
-        if not self._send(("submit", list(zip(rids, requests, flags, strict=True)), together)):
-            for rid in rids:
+        items, late = [], []
+        for item in zip(rids, requests, flags, strict=True):
+            (late if expired(item[1], now_unix_ms) else items).append(item)
+        if items and not self._send(("submit", items, together)):
+            for rid, _, _ in items:
                 self._end(rid, EngineProcessError("the engine process has stopped"))
+        if late:
+            self._send(("expired", [request.mode for _, request, _ in late]))
+            for rid, _, _ in late:
+                self._end(rid, DeadlineExceeded.on_arrival())
         return [_Call(self, rid) for rid in rids]
 
     def answer(self, request: InferenceRequest) -> InferenceResponse:
@@ -299,6 +313,9 @@ def _child(conn, checkpoint: str, config: EngineConfig, metrics_host: str, metri
                     run.cancel()
             elif message[0] == "invalid":
                 engine.count_invalid()
+            elif message[0] == "expired":
+                for mode in message[1]:
+                    engine.count_expired(mode)
             elif message[0] == "close":
                 break
     except (EOFError, OSError):             # the server went away: nobody waits for answers

@@ -128,6 +128,10 @@ def test_servers_answered_and_figures_add_up(quick):
         assert sec["capacity_req_s"] == max(v for r in sec["batch1"] for v in r["rounds_req_s"])
         assert (sec["capacity_req_s"], sec["capacity_cpu_stolen"]) in rounds
         assert sec["p50_1_client_ms"] == sec["batch1"][0]["client_latency"]["median_ms"]
+        expired = sec["expired"]       # calls past their deadline: every one refused as such, none run
+        assert expired["calls"] > 0 and expired["answered"] == 0
+        assert expired["error_codes"] == {"DEADLINE_EXCEEDED": expired["calls"]}
+        assert expired["server_cpu_ms_per_call"] is None or expired["server_cpu_ms_per_call"] > 0
         assert math.isclose(sec["own_budget_ms"], BUDGET_FACTOR * sec["p50_1_client_ms"])
         # the shares below capacity in every round, the overload once
         user = [(p["round"], p["share_of_capacity"]) for p in sec["paced"] if p["budget"] == "user"]

@@ -6,13 +6,14 @@ import os
 import queue
 import signal
 import threading
+import time
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
 
-from npas_serve.engine import Cancelled, Engine, EngineConfig
+from npas_serve.engine import Cancelled, DeadlineExceeded, Engine, EngineConfig
 from npas_serve.errors import UserError
 from npas_serve.protocol import InferenceRequest, RequestError
 from npas_serve.servers.engine_process import EngineProcess, EngineProcessError
@@ -68,6 +69,26 @@ def test_a_bad_request_is_refused_here_and_counted_there(child):
                    if line.startswith("npas_requests_total{") and 'status="invalid"' in line)
 
     assert wait_until(lambda: invalid() >= 1, timeout_s=10, interval_s=0.1)
+
+
+def test_a_request_past_its_deadline_is_refused_here_and_counted_there(child):
+    """Refused before the pipe, from the caller's thread (as `Engine.submit` refuses at admission), with
+    the engine's error; a live request handed over with it is answered."""
+    def deadline_refusals() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{child.metrics_port}/metrics", timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("npas_requests_total{") and 'status="deadline"' in line
+                   and 'mode="anytime"' in line)
+
+    before = deadline_refusals()
+    x = np.zeros((1, 1, 40), np.float32)
+    past, live = queue.SimpleQueue(), queue.SimpleQueue()
+    child.submit([InferenceRequest(inputs=x, mode="anytime", deadline_unix_ms=time.time() * 1000 - 1),
+                  InferenceRequest(inputs=x)], [past.put, live.put])
+    refused = past.get_nowait()                 # already there: decided in this process
+    assert isinstance(refused, DeadlineExceeded) and "nothing was computed" in str(refused)
+    assert live.get(timeout=60).final
+    assert wait_until(lambda: deadline_refusals() >= before + 1, timeout_s=10, interval_s=0.1)
 
 
 def test_a_cancelled_request_is_dropped_in_the_child(served_checkpoint):
