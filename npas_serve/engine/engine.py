@@ -30,7 +30,8 @@ from npas_serve.engine.cache import WeightCache
 from npas_serve.engine.kernels import ConvKernels, choose
 from npas_serve.engine.memory import ResidentBytes, resident_bytes
 from npas_serve.engine.planner import SAFETY, CostModel, Planner, Step, finishes_within
-from npas_serve.engine.run import DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted, WaysIn
+from npas_serve.engine.run import (DeadlineExceeded, Delivery, Observation, RequestRun, ResourceExhausted, WaysIn,
+                                   expired)
 from npas_serve.engine.scheduler import BatchScheduler
 from npas_serve.engine.stages import StageResult, StageRunner
 from npas_serve.engine.traces import Traces
@@ -193,9 +194,9 @@ class Engine:
         if together:
             RequestRun.end_together(runs)
         ahead = self.scheduler.ahead_examples()
-        admitted = []
+        admitted, now_unix_ms = [], time.time() * 1000
         for run in runs:
-            if run.deadline_passed():        # the client has gone: no work for an answer nobody waits for
+            if expired(run.request, now_unix_ms):   # the client has gone: no work for an answer nobody waits for
                 run.fail(DeadlineExceeded.on_arrival(), "deadline")
                 continue
             run.inputs = self._inputs(run.request)
