@@ -68,13 +68,15 @@ LIMITS = {"embedded_16_over_ceiling": 0.25, "p99_over_little": 2.0, "torchserve_
 
 def _parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", nargs="?", type=Path, default=Path("runs/default"))
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"))
+    p.add_argument("checkpoint", nargs="?", type=Path, default=Path("runs/default"),
+                   help="a trained checkpoint directory (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serving.json"),
+                   help="the JSON written; the plot goes next to it as .png (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="small counts and short loads: a smoke test, not figures")
     p.add_argument("--device", default="cpu", help="device of the in-process sections (cpu, cuda); servers: default")
-    p.add_argument("--reps", type=int, default=None, help="interleaved rounds per latency cell (default 150; quick 6)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions per latency cell (default 150; quick 6)")
     p.add_argument("--seconds", type=float, default=None,
-                   help="seconds of load per server run (default 8; quick 0.5)")
+                   help="seconds of each server load (default 8; quick 0.5)")
     p.add_argument("--rounds", type=int, default=None,
                    help="rounds of every server load below capacity, interleaved; the figures are their median "
                         "(default 3; quick 2)")
