@@ -666,7 +666,7 @@ def render(res: dict) -> str:
             "p50, where that is tighter; capacity = the server's best closed-loop batch-1 round, in requests/s; each share "
             f"below capacity {res['config']['rounds']} times in turn (round), the overload once, and must show takes "
             "the rounds' median within budget; device "
-            "thread busy: its share of the load's time in rounds of work, and of that the share it had a CPU, "
+            "thread busy: its share of the load's time at work, and of that the share it had a CPU, "
             "from the server's `npas_device_*_seconds_total`: the rest it waited for a core or for the GIL; "
             "CPU stolen: the machine's CPU time its hypervisor gave other guests during the load, /proc/stat)", "",
             "| server | budget | share of capacity | round | paced requests/s | offered requests/s | budget ms | sent "

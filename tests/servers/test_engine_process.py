@@ -36,6 +36,13 @@ def local(served_checkpoint):
     engine.close()
 
 
+def requests_counted(engine: EngineProcess, *labels: str) -> float:
+    """`npas_requests_total` on the engine's /metrics, over the series with every label given."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{engine.metrics_port}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("npas_requests_total{") and all(label in line for label in labels))
+
+
 def answers(engine, request: InferenceRequest, intermediate: bool) -> list:
     box: queue.SimpleQueue = queue.SimpleQueue()
     engine.submit([request], [box.put], intermediate)
@@ -63,24 +70,14 @@ def test_a_bad_request_is_refused_here_and_counted_there(child):
     with pytest.raises(RequestError):
         child.parse({"data": b"not a tensor"})
 
-    def invalid() -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{child.metrics_port}/metrics", timeout=10).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("npas_requests_total{") and 'status="invalid"' in line)
-
-    assert wait_until(lambda: invalid() >= 1, timeout_s=10, interval_s=0.1)
+    assert wait_until(lambda: requests_counted(child, 'status="invalid"') >= 1, timeout_s=10, interval_s=0.1)
 
 
 def test_a_request_past_its_deadline_is_refused_here_and_counted_there(child):
     """Refused before the pipe, from the caller's thread (as `Engine.submit` refuses at admission), with
     the engine's error; a live request handed over with it is answered."""
-    def deadline_refusals() -> float:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{child.metrics_port}/metrics", timeout=10).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("npas_requests_total{") and 'status="deadline"' in line
-                   and 'mode="anytime"' in line)
-
-    before = deadline_refusals()
+    labels = ('status="deadline"', 'mode="anytime"')
+    before = requests_counted(child, *labels)
     x = np.zeros((1, 1, 40), np.float32)
     past, live = queue.SimpleQueue(), queue.SimpleQueue()
     child.submit([InferenceRequest(inputs=x, mode="anytime", deadline_unix_ms=time.time() * 1000 - 1),
@@ -88,7 +85,7 @@ def test_a_request_past_its_deadline_is_refused_here_and_counted_there(child):
     refused = past.get_nowait()                 # already there: decided in this process
     assert isinstance(refused, DeadlineExceeded) and "nothing was computed" in str(refused)
     assert live.get(timeout=60).final
-    assert wait_until(lambda: deadline_refusals() >= before + 1, timeout_s=10, interval_s=0.1)
+    assert wait_until(lambda: requests_counted(child, *labels) >= before + 1, timeout_s=10, interval_s=0.1)
 
 
 def test_a_cancelled_request_is_dropped_in_the_child(served_checkpoint):
