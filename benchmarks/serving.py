@@ -125,6 +125,11 @@ def cpu_times() -> list[int] | None:
         return None
 
 
+def server_cpu_s(launched) -> float | None:
+    """A server's CPU seconds so far, its engine's process included; None where there is no /proc."""
+    return launch.process_cpu_s(launched.pid) if os.path.isdir("/proc/self/task") else None
+
+
 def stolen_share(before: list[int] | None, after: list[int] | None) -> float | None:
     """Of the machine's CPU time between two `cpu_times`, the share its hypervisor gave to other
     guests (steal). On a shared virtual machine a load measured while neighbours take the cores is
@@ -322,13 +327,13 @@ def warm(launched, x: np.ndarray, window_s: float, max_s: float, **knobs) -> dic
     capacity went from 74% within budget to 99.5%. Its throughput flattens before its compiler is
     done: in five 8 s paced loads after it had, the compiler thread took 1.1, 0.9, 0.4, 0 and 0 s of
     CPU, and the share within budget rose from 99.1% to 99.6% (the CPU per call shows it)."""
-    cpu_s = launch.process_cpu_s if os.path.isdir("/proc/self/task") else lambda pid: 0.0   # else: throughput only
     best, least, flat, windows, per_call, calls, t0 = 0.0, math.inf, 0, [], [], 0, time.monotonic()
     while flat < WARM_FLAT and time.monotonic() - t0 < max_s:
-        cpu = cpu_s(launched.pid)
+        cpu = server_cpu_s(launched)
         run = load(launched.target, launched.token, x, WARM_CLIENTS, window_s, **knobs)
         rate, calls = len(run.answered) / run.wall_s, calls + len(run.results)
-        cpu_ms = (cpu_s(launched.pid) - cpu) * 1000 / max(1, len(run.results))
+        # without /proc the CPU per call reads 0 and the warm-up follows throughput only
+        cpu_ms = 0.0 if cpu is None else (server_cpu_s(launched) - cpu) * 1000 / max(1, len(run.results))
         windows.append(round(rate, 1))
         per_call.append(round(cpu_ms, 3))
         flat = flat + 1 if rate <= WARM_RISE * best and cpu_ms * WARM_RISE >= least else 0
@@ -341,11 +346,11 @@ def expired_load(launched, x: np.ndarray, clients: int, seconds: float, **knobs)
     """A closed loop of calls whose deadline passed a minute before they were sent: what refusing a
     call nobody waits for costs the server (its processes' CPU a call). An overloaded server spends
     its time on such calls: they wait in its queue past their deadline, then must still be refused."""
-    before = launch.process_cpu_s(launched.pid) if os.path.isdir("/proc/self/task") else None
+    before = server_cpu_s(launched)
     run = load(launched.target, launched.token, x, clients, seconds, deadline_unix_ms=time.time() * 1000 - 60_000,
                **knobs)
     calls = len(run.results)
-    cpu_ms = None if before is None or not calls else (launch.process_cpu_s(launched.pid) - before) * 1000 / calls
+    cpu_ms = None if before is None or not calls else (server_cpu_s(launched) - before) * 1000 / calls
     return {"clients": clients, "calls": calls, "answered": len(run.answered), "error_codes": _codes(run),
             "requests_per_s": calls / run.wall_s, "server_cpu_ms_per_call": cpu_ms}
 
